@@ -1,0 +1,21 @@
+"""Shared pytest fixtures."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The shared real-data folder sits beside the project root (../shared/data).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+  """Path of the shared real-data folder; skips (fails on CI) when missing."""
+  if not SHARED_DATA.is_dir():
+    reason = (f"shared test data not found at {SHARED_DATA}; it is expected "
+              "beside the project root as ../shared/data")
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(reason)
+    pytest.skip(reason)
+  return SHARED_DATA
