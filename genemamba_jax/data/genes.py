@@ -1,0 +1,243 @@
+"""Gene annotations: gene tables, symbol -> Ensembl id maps, GMT gene sets."""
+
+import csv
+import gzip
+import io
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from genemamba_jax.data import safe_pickle
+from genemamba_jax.data.errors import DataError
+
+_log = logging.getLogger(__name__)
+
+# Accepted spellings of each column, canonical name first.
+_ID_COLUMNS = ("ensembl_gene_id", "ensembl_id", "gene_id", "ensembl")
+_SYMBOL_COLUMNS = ("symbol", "gene_name", "gene_symbol", "name", "gene")
+_BIOTYPE_COLUMNS = ("biotype", "gene_biotype", "gene_type")
+
+
+def _open_text(path: str | Path) -> io.TextIOBase:
+  """Opens a text file, gunzipping it when it starts with the gzip magic."""
+  try:
+    with open(path, "rb") as f:
+      gzipped = f.read(2) == b"\x1f\x8b"
+    if gzipped:
+      return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+  except FileNotFoundError:
+    raise DataError(f"{path}: file not found; check the path") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read the file ({e})") from None
+
+
+def _find_column(columns: Iterable[str], names: Sequence[str]) -> str | None:
+  lower = {str(c).strip().lower(): c for c in columns}
+  return next((lower[n] for n in names if n in lower), None)
+
+
+def load_gene_table(path: str | Path) -> pd.DataFrame:
+  """Reads a tab-separated gene table (gzip allowed).
+
+  The table needs an Ensembl id column and a biotype column (any spelling in
+  `_ID_COLUMNS` / `_BIOTYPE_COLUMNS`); they are renamed to `ensembl_gene_id`
+  and `biotype` (and a symbol column to `symbol`). All columns are strings.
+
+  Raises:
+    DataError: the file is unreadable or a needed column is missing.
+  """
+  try:
+    with _open_text(path) as f:
+      table = pd.read_csv(f, sep="\t", dtype=str)
+  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+          EOFError, OSError) as e:
+    raise DataError(f"{path}: cannot read it as a tab-separated gene table "
+                    f"({e})") from None
+  renames = {}
+  for names, what in ((_ID_COLUMNS, "an Ensembl gene id"),
+                      (_BIOTYPE_COLUMNS, "a biotype"),
+                      (_SYMBOL_COLUMNS, None)):
+    found = _find_column(table.columns, names)
+    if found is None and what:
+      raise DataError(
+          f"{path}: no {what} column (one of {', '.join(names)}); the file "
+          f"has columns {', '.join(map(str, table.columns))}; it must be "
+          "tab-separated with a header line")
+    if found is not None:
+      renames[found] = names[0]
+  return table.rename(columns=renames)
+
+
+def genes_with_biotypes(table: pd.DataFrame,
+                        biotypes: Sequence[str] = ("protein_coding", "miRNA")
+                        ) -> set[str]:
+  """Ensembl ids of the genes in `table` whose biotype is in `biotypes`.
+
+  Raises:
+    DataError: `table` lacks the columns, or no gene has any of `biotypes`
+      (a misspelled biotype would otherwise silently select nothing).
+  """
+  if isinstance(biotypes, str):
+    biotypes = (biotypes,)
+  missing = [c for c in ("ensembl_gene_id", "biotype") if c not in table]
+  if missing:
+    raise DataError(f"gene table: missing column(s) {', '.join(missing)}; it "
+                    f"has {', '.join(map(str, table.columns))}; load it with "
+                    "load_gene_table")
+  present = set(table["biotype"].dropna())
+  absent = [b for b in biotypes if b not in present]
+  if len(absent) == len(biotypes):
+    some = ", ".join(sorted(present)[:10])
+    raise DataError(f"gene table: no gene has biotype {', '.join(absent)}; "
+                    f"biotypes present include {some}")
+  if absent:
+    _log.warning("gene table: no gene has biotype %s", ", ".join(absent))
+  ids = table.loc[table["biotype"].isin(biotypes), "ensembl_gene_id"]
+  return set(ids.dropna())
+
+
+def _is_ensembl(value: object) -> bool:
+  return isinstance(value, str) and value.startswith("ENS")
+
+
+def _read_map_rows(path: str | Path) -> list[list[str]]:
+  with _open_text(path) as f:
+    try:
+      text = f.read()
+    except (UnicodeDecodeError, EOFError, OSError) as e:
+      raise DataError(f"{path}: cannot read it as text ({e})") from None
+  lines = text.splitlines()
+  first = next((line for line in lines if line.strip()), "")
+  delimiter = "\t" if "\t" in first else ","
+  return [[c.strip() for c in row]
+          for row in csv.reader(lines, delimiter=delimiter)]
+
+
+def _map_from_table(path: str | Path) -> dict[str, str]:
+  """symbol -> Ensembl id from a TSV/CSV, with or without a header line."""
+  rows = [(i + 1, r) for i, r in enumerate(_read_map_rows(path)) if any(r)]
+  if not rows:
+    raise DataError(f"{path}: the gene map file is empty")
+  header = rows[0][1]
+  named = [_find_column(header, n) for n in (_SYMBOL_COLUMNS, _ID_COLUMNS)]
+  # A header has a known column name, or no Ensembl id where data rows have one.
+  has_header = any(c is not None for c in named) or (
+      len(rows) > 1 and not any(map(_is_ensembl, header))
+      and any(map(_is_ensembl, rows[1][1])))
+  if has_header:
+    rows = rows[1:]
+  if has_header and all(c is not None for c in named):
+    sym_col, id_col = (header.index(c) for c in named)
+  else:
+    sym_col, id_col = 0, 1
+    # Files such as 10x features.tsv put the Ensembl id first.
+    head = [r for _, r in rows[:1000]]
+    if (sum(_is_ensembl(r[0]) for r in head) >
+        sum(_is_ensembl(r[1]) for r in head if len(r) > 1)):
+      sym_col, id_col = 1, 0
+  gene_map, skipped, conflicts = {}, 0, 0
+  for line_no, row in rows:
+    if len(row) <= max(sym_col, id_col):
+      raise DataError(f"{path}: line {line_no} has {len(row)} column(s); "
+                      "expected a symbol and an Ensembl id on each line")
+    symbol, gene_id = row[sym_col], row[id_col]
+    if not symbol or not gene_id:
+      skipped += 1
+    elif gene_map.setdefault(symbol, gene_id) != gene_id:
+      conflicts += 1  # The first mapping wins; say so below.
+  if skipped or conflicts:
+    _log.warning("%s: skipped %d lines with an empty field and %d repeated "
+                 "symbols mapped to another id (the first mapping is kept)",
+                 path, skipped, conflicts)
+  return gene_map
+
+
+def load_gene_map(path: str | Path) -> dict[str, str]:
+  """Reads a symbol -> Ensembl id map.
+
+  Accepts a Geneformer-style pickle (`gene_name_id_dict.pkl`, loaded with the
+  restricted unpickler) or a TSV/CSV (gzip allowed) with one mapping per line,
+  header optional. When the header names a symbol column (symbol, gene_name,
+  ...) and an id column (ensembl_gene_id, ensembl_id, gene_id, ...), those are
+  used; otherwise the first two columns, in whichever order puts the Ensembl
+  ids second (so 10x features.tsv works as is).
+
+  Raises:
+    DataError: unreadable file, malformed line, or empty map.
+  """
+  try:
+    with open(path, "rb") as f:
+      is_pickle = f.read(1) == b"\x80"  # Protocol 2+ pickles start with PROTO.
+  except OSError as e:
+    raise DataError(f"{path}: cannot read the gene map ({e})") from None
+  if is_pickle or str(path).endswith((".pkl", ".pickle")):
+    gene_map = safe_pickle.load_pickle(path)
+    if not isinstance(gene_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in gene_map.items()):
+      raise DataError(f"{path}: expected a pickled dict of symbol -> Ensembl "
+                      f"id strings, got {type(gene_map).__name__}")
+  else:
+    gene_map = _map_from_table(path)
+  if not gene_map:
+    raise DataError(f"{path}: the gene map holds no symbol -> Ensembl id "
+                    "mappings")
+  return gene_map
+
+
+def map_gene_ids(gene_ids: Iterable[object],
+                 gene_map: Mapping[str, str]) -> np.ndarray:
+  """Maps gene names to Ensembl ids (object array).
+
+  A name that is a key of `gene_map` is mapped; otherwise an Ensembl-like id
+  (starting with "ENS") passes through unchanged and anything else becomes
+  None.
+  """
+  gene_ids = list(gene_ids)
+  result = np.empty(len(gene_ids), dtype=object)
+  for i, g in enumerate(gene_ids):
+    mapped = gene_map.get(g) if isinstance(g, str) else None
+    result[i] = mapped if mapped is not None else (
+        str(g) if _is_ensembl(g) else None)
+  return result
+
+
+def read_gmt(path: str | Path) -> dict[str, list[str]]:
+  """Reads gene sets from a GMT file (gzip allowed).
+
+  Each line: set name, description, then genes, tab-separated. Empty gene
+  fields (trailing tabs) are ignored and repeated genes kept once.
+
+  Returns:
+    Gene set name -> genes, in file order.
+
+  Raises:
+    DataError: a line without genes, an empty or repeated set name, or an
+      unreadable file; the message names the line.
+  """
+  sets: dict[str, list[str]] = {}
+  with _open_text(path) as f:
+    try:
+      lines = f.read().splitlines()
+    except (UnicodeDecodeError, EOFError, OSError) as e:
+      raise DataError(f"{path}: cannot read it as text ({e})") from None
+  for line_no, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    fields = line.split("\t")
+    name, genes = fields[0].strip(), [g.strip() for g in fields[2:]]
+    genes = list(dict.fromkeys(g for g in genes if g))
+    if not name or not genes:
+      raise DataError(
+          f"{path}: line {line_no} is not a gene set: expected a name, a "
+          "description and at least one gene, separated by tabs")
+    if name in sets:
+      raise DataError(f"{path}: line {line_no} repeats gene set {name!r}; "
+                      "set names must be unique")
+    sets[name] = genes
+  if not sets:
+    raise DataError(f"{path}: no gene sets found")
+  return sets

@@ -1,0 +1,41 @@
+"""Small JSON file helpers shared by the data-directory writers and readers."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from genemamba_jax.data.errors import DataError
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+  """Writes `obj` as JSON so readers see either the old file or the new one.
+
+  The temp file lives in the target's directory because os.replace is atomic
+  only within one file system.
+  """
+  path = Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=1)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def read_json(path: str | Path, hint: str) -> Any:
+  """Reads a JSON file; DataError naming the file and ending in `hint`."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found; {hint}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: cannot read it as JSON ({e}); {hint}") from None
