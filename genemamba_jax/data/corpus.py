@@ -1,0 +1,151 @@
+"""Jobs over a corpus of count files: gene medians, and tokenization into shards.
+
+A corpus is split into work units of at most `cells_per_shard` consecutive
+cells of one input file. Units run in this process or in `workers` processes
+(spawned, each opening its files itself); every tokenization unit writes one
+ArrayRecord shard atomically, so a re-run skips finished shards and an
+interrupted run leaves no truncated shard behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from genemamba_jax.data import genes as genes_lib
+from genemamba_jax.data import qc
+from genemamba_jax.data import readers
+from genemamba_jax.data import records
+from genemamba_jax.data.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """Where counts and gene ids are found in every input file."""
+  layer: str | None = None  # None = X; "raw" = raw/X; else a layer name
+  gene_column: str | None = None  # var column with gene ids; None = var index
+  gene_map: str | None = None  # symbol -> Ensembl id table (.pkl or TSV)
+  in_memory: bool = False  # read each .h5ad whole instead of streaming it
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """Cells [start, stop) of input `source` (index into the input list)."""
+  index: int
+  source: int
+  start: int
+  stop: int
+
+
+_SOURCE_CACHE: dict = {}
+_GENE_MAP_CACHE: dict = {}
+
+
+def open_cached(path: str, config: InputConfig) -> readers.CountSource:
+  """Opens an input once per process (its obs and var are read on opening)."""
+  key = (str(path), config)
+  if key not in _SOURCE_CACHE:
+    _SOURCE_CACHE.clear()  # one file at a time: units of a file are contiguous
+    _SOURCE_CACHE[key] = readers.open_source(path, config.layer, config.gene_column, config.in_memory)
+  return _SOURCE_CACHE[key]
+
+
+def gene_map(config: InputConfig):
+  if config.gene_map is None:
+    return None
+  if config.gene_map not in _GENE_MAP_CACHE:
+    _GENE_MAP_CACHE[config.gene_map] = genes_lib.load_gene_map(config.gene_map)
+  return _GENE_MAP_CACHE[config.gene_map]
+
+
+def plan(inputs: Sequence[str | os.PathLike], config: InputConfig, cells_per_shard: int
+         ) -> tuple[list[str], list[Unit], list[int]]:
+  """Expands inputs and splits them into units; returns (paths, units, cells per path)."""
+  if cells_per_shard < 1:
+    raise DataError(f"--cells-per-shard must be >= 1, got {cells_per_shard}")
+  paths = [str(p.resolve()) for p in readers.expand_inputs(inputs)]
+  units, sizes = [], []
+  for i, path in enumerate(paths):
+    n = open_cached(path, config).n_cells
+    sizes.append(n)
+    for start in range(0, max(n, 1), cells_per_shard):
+      units.append(Unit(len(units), i, start, min(start + cells_per_shard, n)))
+  return paths, units, sizes
+
+
+def run_units(fn: Callable, units: Sequence[Unit], args: tuple, workers: int, total_cells: int,
+              desc: str) -> Iterable:
+  """Runs `fn(unit, *args)` for every unit, yielding results as they finish.
+
+  Each result is `(cells_done, payload)`; cells_done feeds the progress bar.
+  """
+  bar = tqdm(total=total_cells, desc=desc, unit="cells", unit_scale=True, dynamic_ncols=True)
+  try:
+    if workers <= 1:
+      for unit in units:
+        done, payload = fn(unit, *args)
+        bar.update(done)
+        yield payload
+    else:
+      ctx = multiprocessing.get_context("spawn")  # HDF5 handles must not cross a fork
+      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(fn, unit, *args) for unit in units]
+        try:
+          for future in concurrent.futures.as_completed(futures):
+            done, payload = future.result()
+            bar.update(done)
+            yield payload
+        except BaseException:
+          for f in futures:
+            f.cancel()
+          raise
+  finally:
+    bar.close()
+
+
+def check_not_empty(stats: collections.Counter, where: str) -> None:
+  """DataError when QC kept no cell, saying why the cells went."""
+  if stats["cells_kept"] == 0:
+    raise DataError(
+        f"{where}: no cell is left after QC ({stats['cells_read']} read, "
+        f"{stats['dropped_min_genes']} with too few expressed vocabulary genes, "
+        f"{stats['dropped_not_primary']} not primary data); lower --min-genes, or check that "
+        "the gene ids match the vocabulary (--gene-column / --gene-map)")
+
+
+def fingerprint(paths: Iterable[str | os.PathLike]) -> str:
+  """A hash of files' contents, to tell whether a re-run uses the same vocabulary."""
+  h = hashlib.sha256()
+  for p in paths:
+    h.update(Path(p).read_bytes())
+  return h.hexdigest()[:16]
+
+
+def summary_lines(stats: collections.Counter, genes: dict[str, tuple[int, int]]) -> list[str]:
+  """Human-readable end-of-run summary: cells read, kept, dropped and why, genes matched."""
+  lines = [f"cells read: {stats['cells_read']:,}",
+           f"cells kept: {stats['cells_kept']:,}",
+           f"dropped, not primary data: {stats['dropped_not_primary']:,}",
+           f"dropped, fewer expressed genes than --min-genes: {stats['dropped_min_genes']:,}"]
+  for path, (matched, total) in list(genes.items())[:20]:
+    lines.append(f"genes matched: {matched:,} of {total:,} in {path}")
+  if len(genes) > 20:
+    lines.append(f"... and {len(genes) - 20} more files")
+  return lines
+
+
+def token_dtype(vocab_size: int) -> str:
+  return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "int32"
+
+
+def matched_genes(source: readers.CountSource, mapper: qc.GeneMapper) -> tuple[int, int]:
+  return mapper.num_matched, len(source.gene_ids)

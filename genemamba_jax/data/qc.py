@@ -1,0 +1,145 @@
+"""From raw counts to normalized expression of target genes, with the paper's QC.
+
+Per chunk of cells (`normalize_chunk`):
+  1. the counts are checked: finite, non-negative, integer (log-normalized data
+     is refused with a hint at the layer that holds counts);
+  2. each cell's total is taken over ALL its genes (Geneformer's `n_counts`);
+  3. cells with `obs.is_primary_data == False` are dropped (CELLxGENE duplicates);
+  4. the gene columns are mapped onto the target genes (the vocabulary), columns
+     that map to the same gene id are summed, and all other genes are dropped;
+  5. cells with fewer than `min_genes` expressed target genes are dropped;
+  6. values become `counts / total * 10_000` (then `log1p` when asked).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from genemamba_jax.data.errors import DataError
+from genemamba_jax.data.readers import CellChunk, CountSource
+
+TARGET_SUM = 10_000.0
+PRIMARY_COLUMN = "is_primary_data"
+
+
+@dataclasses.dataclass(frozen=True)
+class QCConfig:
+  min_genes: int = 200  # drop cells with fewer expressed target genes
+  primary_only: bool = True  # keep obs.is_primary_data == True when the column exists
+  log1p: bool = False  # values = log1p(counts / total * 10_000)
+
+
+@dataclasses.dataclass
+class NormalizedCells:
+  """The cells of a chunk that passed QC.
+
+  Attributes:
+    values: [kept cells, n_targets] CSR, float64 normalized expression of the
+      target genes; column indices sorted within each row, no explicit zeros.
+    obs_names: [kept cells] cell ids.
+    obs: the requested obs columns of the kept cells.
+  """
+  values: sp.csr_matrix
+  obs_names: np.ndarray
+  obs: pd.DataFrame
+
+
+class GeneMapper:
+  """Maps one source's gene columns onto target genes, summing duplicated ids.
+
+  Args:
+    gene_ids: [source genes] ids after optional symbol -> Ensembl mapping (None
+      for unmapped genes).
+    targets: gene id -> target column, e.g. vocabulary genes in token-id order.
+  """
+
+  def __init__(self, gene_ids: Sequence, targets: Mapping[str, int]):
+    self.column_to_target = np.fromiter(
+        (targets.get(g, -1) if g is not None else -1 for g in gene_ids), np.int64, len(gene_ids))
+    self.num_targets = len(targets)
+    mapped = self.column_to_target[self.column_to_target >= 0]
+    self.num_matched = len(mapped)
+    self.num_duplicated = len(mapped) - len(np.unique(mapped))
+    # Rows stay sorted by target column (and so ties rank by token id) when the
+    # mapping keeps the source order and has no duplicates.
+    self._needs_sort = self.num_duplicated > 0 or bool(np.any(np.diff(mapped) < 0))
+
+  def __call__(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+    """[cells, source genes] -> [cells, targets]; explicit zeros removed."""
+    counts = sp.csr_matrix(counts)
+    dst = self.column_to_target[counts.indices]
+    keep = (dst >= 0) & (counts.data != 0)
+    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))[keep]
+    indptr = np.zeros(counts.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=counts.shape[0]), out=indptr[1:])
+    out = sp.csr_matrix((counts.data[keep], dst[keep], indptr),
+                        shape=(counts.shape[0], self.num_targets))
+    if self._needs_sort:
+      out.sum_duplicates()  # sorts indices and adds up duplicated gene ids
+    return out
+
+
+def _is_primary(column: pd.Series) -> np.ndarray:
+  if column.dtype == bool:
+    return column.to_numpy()
+  return column.astype(str).str.lower().isin(("true", "1", "1.0")).to_numpy()
+
+
+def check_counts(chunk: CellChunk, source: CountSource) -> None:
+  """Raises DataError unless the chunk holds finite, non-negative integer counts."""
+  data = chunk.counts.data
+  where = f"{source.path}: {getattr(source, 'layer', None) or 'X'}"
+  for bad, what in ((~np.isfinite(data), "NaN or infinite values"), (data < 0, "negative values")):
+    if np.any(bad):
+      raise DataError(f"{where} holds {what} ({_locate(chunk, source, bad)}); "
+                      "tokenization needs raw counts")
+  fractional = data != np.rint(data)
+  if np.any(fractional):
+    layers = getattr(source, "layers", [])
+    hint = (f"use --layer with one that holds raw counts (this file has: {', '.join(layers)})"
+            if layers else "give the raw count matrix (this file has no other layer or raw)")
+    raise DataError(f"{where} holds non-integer values ({_locate(chunk, source, fractional)}): "
+                    f"it looks normalized or log-transformed, but tokenization needs raw counts; {hint}")
+
+
+def _locate(chunk: CellChunk, source: CountSource, bad: np.ndarray) -> str:
+  k = int(np.flatnonzero(bad)[0])
+  row = int(np.searchsorted(chunk.counts.indptr, k, side="right") - 1)
+  return (f"e.g. {chunk.counts.data[k]:g} for cell {chunk.obs_names[row]!r}, "
+          f"gene {source.gene_ids[chunk.counts.indices[k]]!r}")
+
+
+def normalize_chunk(chunk: CellChunk, source: CountSource, mapper: GeneMapper, config: QCConfig,
+                    stats: collections.Counter, columns: Sequence[str] = ()) -> NormalizedCells:
+  """QC + gene mapping + normalization of one chunk; counts drops into `stats`.
+
+  `chunk.obs` must hold `is_primary_data` when the source has that column.
+  """
+  check_counts(chunk, source)
+  n = chunk.counts.shape[0]
+  stats["cells_read"] += n
+  totals = np.asarray(chunk.counts.sum(axis=1), np.float64).ravel()
+  keep = np.ones(n, bool)
+  if config.primary_only and PRIMARY_COLUMN in chunk.obs.columns:
+    primary = _is_primary(chunk.obs[PRIMARY_COLUMN])
+    stats["dropped_not_primary"] += int(np.sum(~primary))
+    keep &= primary
+  values = mapper(chunk.counts)
+  expressed = np.diff(values.indptr)
+  few = keep & (expressed < max(config.min_genes, 1))
+  stats["dropped_min_genes"] += int(np.sum(few))
+  keep &= ~few
+  values = values[keep] if not keep.all() else values
+  stats["cells_kept"] += int(keep.sum())
+  rows = np.repeat(np.arange(values.shape[0]), np.diff(values.indptr))
+  data = values.data.astype(np.float64) / totals[keep][rows] * TARGET_SUM
+  if config.log1p:
+    np.log1p(data, out=data)
+  values = sp.csr_matrix((data, values.indices, values.indptr), shape=values.shape)
+  return NormalizedCells(values, chunk.obs_names[keep], chunk.obs.iloc[np.flatnonzero(keep)][list(columns)])

@@ -1,0 +1,152 @@
+"""`prepare tokenize`: count files -> ArrayRecord shards of token sentences + manifest.
+
+One shard per work unit (see `corpus`), written atomically; a re-run with the
+same settings skips finished shards; a re-run with other settings into the
+same directory is refused, so one dataset never mixes two tokenizations.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from genemamba_jax.data import corpus
+from genemamba_jax.data import readers
+from genemamba_jax.data import records
+from genemamba_jax.data import vocab as vocab_lib
+from genemamba_jax.data.errors import DataError
+from genemamba_jax.data.jsonio import read_json, write_json_atomic
+from genemamba_jax.data.tokenizer import CellTokenizer, TokenizeConfig
+
+SETTINGS_FILE = "tokenize_settings.json"
+_TOKENIZERS: dict = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+  """obs columns copied into every record (None = not recorded)."""
+  label: str | None = None
+  batch: str | None = None
+
+  def names(self) -> list[str]:
+    return [c for c in (self.label, self.batch) if c is not None]
+
+
+def _tokenizer(vocab_dir: str, config: TokenizeConfig, inputs: corpus.InputConfig) -> CellTokenizer:
+  key = (vocab_dir, config, inputs.gene_map)
+  if key not in _TOKENIZERS:
+    _TOKENIZERS[key] = CellTokenizer.from_vocab_dir(vocab_dir, config, corpus.gene_map(inputs))
+  return _TOKENIZERS[key]
+
+
+def _tokenize_unit(unit: corpus.Unit, paths: list[str], vocab_dir: str, out_dir: str,
+                   config: TokenizeConfig, inputs: corpus.InputConfig, columns: Columns,
+                   dtype: str) -> tuple[int, dict]:
+  """Tokenizes one unit into shard `unit.index`; returns (cells read, shard stats)."""
+  if records.is_shard_finished(out_dir, unit.index):
+    stats = records.read_shard_stats(out_dir, unit.index)
+    return unit.stop - unit.start, stats
+  tokenizer = _tokenizer(vocab_dir, config, inputs)
+  source = corpus.open_cached(paths[unit.source], inputs)
+  counts = collections.Counter()
+  labels, batches = set(), set()
+  with records.ShardWriter(out_dir, unit.index, dtype) as writer:
+    for cells in tokenizer.tokenize_source(source, unit.start, unit.stop, columns.names(), counts):
+      label = cells.obs[columns.label].astype(str).to_numpy() if columns.label else None
+      batch = cells.obs[columns.batch].astype(str).to_numpy() if columns.batch else None
+      offsets = cells.offsets
+      for i, name in enumerate(cells.obs_names):
+        meta = {"obs_name": str(name), "source": unit.source}
+        if label is not None:
+          meta["label"] = label[i]
+        if batch is not None:
+          meta["batch"] = batch[i]
+        writer.write(cells.tokens[offsets[i]:offsets[i + 1]], meta)
+      if label is not None:
+        labels.update(label)
+      if batch is not None:
+        batches.update(batch)
+    matched = corpus.matched_genes(source, tokenizer.mapper(source))
+    stats = {"unit": unit.index, "source": unit.source, "start": unit.start, "stop": unit.stop, "counts": dict(counts),
+             "labels": sorted(labels), "batches": sorted(batches), "genes_matched": matched}
+    writer.finish(stats)
+  return unit.stop - unit.start, {**stats, "num_cells": writer.num_cells}
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+  path = out_dir / SETTINGS_FILE
+  if path.exists():
+    old = read_json(path, f"delete {out_dir} and re-run")
+    if old != settings:
+      differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+      raise DataError(f"{out_dir}: holds a tokenization with other settings (differing: "
+                      f"{', '.join(differ)}); write to a new --out directory or delete this one")
+  else:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, settings)
+
+
+def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.PathLike,
+                    out_dir: str | os.PathLike, config: TokenizeConfig = TokenizeConfig(),
+                    input_config: corpus.InputConfig = corpus.InputConfig(),
+                    columns: Columns = Columns(), workers: int = 1,
+                    cells_per_shard: int = 50_000) -> dict:
+  """Tokenizes every cell of `inputs` into `out_dir`; returns the manifest.
+
+  Raises:
+    DataError: bad input (the message names the file and what to do).
+  """
+  t0 = time.time()
+  out_dir, vocab_dir = Path(out_dir), str(Path(vocab_dir).resolve())
+  tokenizer = _tokenizer(vocab_dir, config, input_config)  # fails early on a bad vocab
+  paths, units, sizes = corpus.plan(inputs, input_config, cells_per_shard)
+  for path in paths:  # fail before any work on a missing column or unmatched genes
+    source = corpus.open_cached(path, input_config)
+    tokenizer.mapper(source)
+    readers.check_obs_columns(source, columns.names())
+  vocab_files = [Path(vocab_dir) / vocab_lib.VOCAB_FILE, Path(vocab_dir) / vocab_lib.MEDIANS_FILE]
+  settings = {"inputs": paths, "cells": sizes, "vocab": corpus.fingerprint(vocab_files),
+              "tokenize": dataclasses.asdict(config), "input": dataclasses.asdict(input_config),
+              "columns": dataclasses.asdict(columns), "cells_per_shard": cells_per_shard}
+  _check_settings(out_dir, settings)
+  dtype = corpus.token_dtype(len(tokenizer.vocab))
+  shard_stats = [None] * len(units)
+  args = (paths, vocab_dir, str(out_dir), config, input_config, columns, dtype)
+  for stats in corpus.run_units(_tokenize_unit, units, args, workers, sum(sizes), "tokenize"):
+    shard_stats[stats["unit"]] = stats
+  manifest = _manifest(paths, units, shard_stats, tokenizer, config, input_config, columns, dtype)
+  for path, n in zip(paths, sizes):
+    per_file = sum((collections.Counter(s["counts"]) for s in shard_stats
+                    if paths[s["source"]] == path), collections.Counter())
+    corpus.check_not_empty(per_file, path)
+  records.write_manifest(out_dir, manifest)
+  manifest["summary"]["seconds"] = round(time.time() - t0, 2)
+  return manifest
+
+
+def _manifest(paths, units, shard_stats, tokenizer, config, input_config, columns, dtype) -> dict:
+  total = sum((collections.Counter(s["counts"]) for s in shard_stats), collections.Counter())
+  genes = {paths[s["source"]]: tuple(s["genes_matched"]) for s in shard_stats}
+  vocab = tokenizer.vocab
+  return {
+      "format": records.FORMAT_NAME, "version": records.FORMAT_VERSION,
+      "num_cells": sum(s["num_cells"] for s in shard_stats),
+      "token_dtype": dtype,
+      "shards": [{"file": os.path.relpath(records.shard_path("", u.index)),
+                  "num_cells": s["num_cells"], "source": u.source, "start": u.start, "stop": u.stop}
+                 for u, s in zip(units, shard_stats)],
+      "sources": paths,
+      "labels": sorted(set().union(*(s["labels"] for s in shard_stats))),
+      "batches": sorted(set().union(*(s["batches"] for s in shard_stats))),
+      "label_column": columns.label, "batch_column": columns.batch,
+      "vocab": vocab.token_to_id,
+      "medians": tokenizer.medians,
+      "special_ids": {"pad": vocab.pad_id, "mask": vocab.mask_id, "cls": vocab.cls_id,
+                      "eos": vocab.eos_id},
+      "settings": {**dataclasses.asdict(config), **dataclasses.asdict(input_config)},
+      "summary": {**dict(total), "genes_matched": genes},
+  }
