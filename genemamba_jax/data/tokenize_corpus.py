@@ -78,16 +78,17 @@ def _tokenize_unit(unit: corpus.Unit, paths: list[str], vocab_dir: str, out_dir:
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
+  """Records the run's settings; refuses to add shards of other settings to a dataset."""
   path = out_dir / SETTINGS_FILE
   if path.exists():
     old = read_json(path, f"delete {out_dir} and re-run")
-    if old != settings:
+    finished = list((out_dir / records.SHARDS_DIR).glob("*.json"))
+    if old != settings and finished:
       differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
       raise DataError(f"{out_dir}: holds a tokenization with other settings (differing: "
                       f"{', '.join(differ)}); write to a new --out directory or delete this one")
-  else:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, settings)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(path, settings)
 
 
 def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.PathLike,
@@ -119,9 +120,15 @@ def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.Pat
   for stats in corpus.run_units(_tokenize_unit, units, args, workers, sum(sizes), "tokenize"):
     shard_stats[stats["unit"]] = stats
   manifest = _manifest(paths, units, shard_stats, tokenizer, config, input_config, columns, dtype)
-  for path, n in zip(paths, sizes):
-    per_file = sum((collections.Counter(s["counts"]) for s in shard_stats
-                    if paths[s["source"]] == path), collections.Counter())
+  for i, path in enumerate(paths):
+    mine = [s for s in shard_stats if s["source"] == i]
+    per_file = sum((collections.Counter(s["counts"]) for s in mine), collections.Counter())
+    if per_file["cells_kept"] == 0:  # its shards are all empty: drop them with the error
+      for s in mine:  # sidecar first: without it the shard no longer counts as finished
+        shard = records.shard_path(out_dir, s["unit"])
+        for name in (shard.removesuffix(".array_record") + ".json", shard):
+          if os.path.exists(name):
+            os.remove(name)
     corpus.check_not_empty(per_file, path)
   records.write_manifest(out_dir, manifest)
   manifest["summary"]["seconds"] = round(time.time() - t0, 2)
