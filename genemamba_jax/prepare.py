@@ -5,6 +5,7 @@
     python -m genemamba_jax.prepare import-geneformer --token-dictionary token_dictionary.pkl \\
         --median-dictionary gene_median_dictionary.pkl --out vocab/
     python -m genemamba_jax.prepare merge-medians --input vocab_a/ vocab_b/ --out vocab/
+    python -m genemamba_jax.prepare demo [--out runs/demo_data]   # scanpy's pbmc68k_reduced
     python -m genemamba_jax.prepare tokenize --input DATA/ --vocab vocab/ --out tokens/ \\
         [--max-len 2048] [--cls] [--eos] [--label-column cell_type] [--workers 4]
 
@@ -96,6 +97,14 @@ def _merge(a: argparse.Namespace) -> list[str]:
           f"written: {a.out}"]
 
 
+def _demo(a: argparse.Namespace) -> list[str]:
+  from genemamba_jax.data import demo
+  paths = demo.prepare_demo(a.out)
+  return demo.describe(paths) + [
+      f"next: read it with genemamba_jax.data.read_tokenized('{paths['tokens']}'), or batch it "
+      "for training with genemamba_jax.data.pipeline.make_dataset"]
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m genemamba_jax.prepare",
                                    description=__doc__.split("\n")[0])
@@ -127,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--median-dictionary", required=True, metavar="PKL")
   p.add_argument("--out", required=True, metavar="VOCAB_DIR")
   p.set_defaults(run=_import_geneformer)
+
+  p = sub.add_parser("demo", help="the embedded demo: scanpy's pbmc68k_reduced -> vocab + tokens")
+  p.add_argument("--out", default="runs/demo_data", metavar="DIR",
+                 help="where to write (default runs/demo_data); finished parts are reused")
+  p.set_defaults(run=_demo)
 
   p = sub.add_parser("merge-medians", help="merge the digests of several `medians` outputs")
   p.add_argument("--input", nargs="+", required=True, metavar="VOCAB_DIR")

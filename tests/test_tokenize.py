@@ -81,7 +81,7 @@ def test_pbmc68k_symbols_through_gene_map_equal_geneformer(shared_data, gf, gf_v
     np.testing.assert_array_equal([score_of[t] for t in sentence[1:-1]], o_scores)
 
 
-def test_ties_rank_by_token_id_and_float32_near_ties_are_exact():
+def test_ties_keep_gene_order_and_float32_near_ties_are_exact():
   # Four genes; scores: g1 == g2 exactly, g3 one float64 ulp above g0 (same float32).
   medians = np.array([1.0, 2.0, 2.0, 1.0])
   base = 3.0

@@ -41,7 +41,8 @@ class NormalizedCells:
 
   Attributes:
     values: [kept cells, n_targets] CSR, float64 normalized expression of the
-      target genes; column indices sorted within each row, no explicit zeros.
+      target genes; no explicit zeros, no repeated column in a row; within a
+      row, entries in the source file's gene order.
     obs_names: [kept cells] cell ids.
     obs: the requested obs columns of the kept cells.
   """
@@ -65,23 +66,37 @@ class GeneMapper:
     self.num_targets = len(targets)
     mapped = self.column_to_target[self.column_to_target >= 0]
     self.num_matched = len(mapped)
-    self.num_duplicated = len(mapped) - len(np.unique(mapped))
-    # Rows stay sorted by target column (and so ties rank by token id) when the
-    # mapping keeps the source order and has no duplicates.
-    self._needs_sort = self.num_duplicated > 0 or bool(np.any(np.diff(mapped) < 0))
+    hits = np.bincount(mapped, minlength=self.num_targets)
+    self.num_duplicated = int(np.sum(hits[hits > 1] - 1))
+    self._is_duplicated = hits > 1  # [targets] hit by more than one source column
 
   def __call__(self, counts: sp.csr_matrix) -> sp.csr_matrix:
-    """[cells, source genes] -> [cells, targets]; explicit zeros removed."""
+    """[cells, source genes] -> [cells, targets], explicit zeros removed.
+
+    Entries keep the source's gene order within a row (a duplicated id sits
+    where it first occurs), so equal scores later rank in the file's gene order;
+    sorting every row by target would cost more than the ranking itself.
+    """
     counts = sp.csr_matrix(counts)
+    n = counts.shape[0]
     dst = self.column_to_target[counts.indices]
     keep = (dst >= 0) & (counts.data != 0)
-    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))[keep]
-    indptr = np.zeros(counts.shape[0] + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=counts.shape[0]), out=indptr[1:])
-    out = sp.csr_matrix((counts.data[keep], dst[keep], indptr),
-                        shape=(counts.shape[0], self.num_targets))
-    if self._needs_sort:
-      out.sum_duplicates()  # sorts indices and adds up duplicated gene ids
+    rows = np.repeat(np.arange(n), np.diff(counts.indptr))
+    data = counts.data
+    if self.num_duplicated:
+      # The first entry of each duplicated (row, target) takes the sum; the others go.
+      dup = np.flatnonzero(keep & self._is_duplicated[np.maximum(dst, 0)])
+      _, first, inverse = np.unique(rows[dup] * self.num_targets + dst[dup],
+                                    return_index=True, return_inverse=True)
+      data = data.copy()
+      data[dup[first]] = np.bincount(inverse, weights=data[dup])
+      keep[dup] = False
+      keep[dup[first]] = True
+    rows, dst, data = rows[keep], dst[keep], data[keep]
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    out = sp.csr_matrix((data, dst, indptr), shape=(n, self.num_targets))
+    out.has_sorted_indices = False  # source order, not target order
     return out
 
 

@@ -230,7 +230,7 @@ def load_vocab_dir(
   """
   vocab_dir = Path(vocab_dir)
   hint = ("re-create the vocabulary directory (e.g. import Geneformer's "
-          "dictionaries with genemamba_jax.prepare_geneformer)")
+          "dictionaries with `python -m genemamba_jax.prepare import-geneformer`)")
   if not vocab_dir.is_dir():
     raise DataError(f"{vocab_dir}: vocabulary directory not found; {hint}")
 
