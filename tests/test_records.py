@@ -192,3 +192,28 @@ def test_read_tokenized_missing_or_short_shard(tmp_path):
   os.remove(tmp_path / "shards" / "00002.array_record")
   with pytest.raises(DataError, match="00002.array_record is listed"):
     list(records.read_tokenized(tmp_path))
+
+
+def test_write_chunk_stores_the_same_bytes_as_write(tmp_path):
+  from array_record.python import array_record_module
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 60000, 50).astype(np.int32)
+  offsets = np.array([0, 10, 10, 50])
+  names = ["a", "b\u00e9\"q", "c"]
+  labels, batches = ["T", "B\u00e9", "NK"], ["x", "y", "z"]
+  for chunked in (False, True):
+    with records.ShardWriter(tmp_path / str(chunked), 0, "uint16") as w:
+      if chunked:
+        w.write_chunk(tokens, offsets, names, 3, labels, batches)
+      else:
+        for i, name in enumerate(names):
+          w.write(tokens[offsets[i]:offsets[i + 1]],
+                  {"obs_name": name, "source": 3, "label": labels[i], "batch": batches[i]})
+      w.finish()
+  read = lambda d: array_record_module.ArrayRecordReader(
+      records.shard_path(d, 0)).read_all()
+  assert read(tmp_path / "True") == read(tmp_path / "False")
+  assert len(read(tmp_path / "True")) == 3
+  with pytest.raises(DataError, match="does not fit token_dtype uint16"):
+    with records.ShardWriter(tmp_path / "big", 0, "uint16") as w:
+      w.write_chunk(np.array([70000]), np.array([0, 1]), ["a"], 0)

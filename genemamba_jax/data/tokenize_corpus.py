@@ -58,18 +58,9 @@ def _tokenize_unit(unit: corpus.Unit, paths: list[str], vocab_dir: str, out_dir:
     for cells in tokenizer.tokenize_source(source, unit.start, unit.stop, columns.names(), counts):
       label = cells.obs[columns.label].astype(str).to_numpy() if columns.label else None
       batch = cells.obs[columns.batch].astype(str).to_numpy() if columns.batch else None
-      offsets = cells.offsets
-      for i, name in enumerate(cells.obs_names):
-        meta = {"obs_name": str(name), "source": unit.source}
-        if label is not None:
-          meta["label"] = label[i]
-        if batch is not None:
-          meta["batch"] = batch[i]
-        writer.write(cells.tokens[offsets[i]:offsets[i + 1]], meta)
-      if label is not None:
-        labels.update(label)
-      if batch is not None:
-        batches.update(batch)
+      writer.write_chunk(cells.tokens, cells.offsets, cells.obs_names, unit.source, label, batch)
+      labels.update(label if label is not None else ())
+      batches.update(batch if batch is not None else ())
     matched = corpus.matched_genes(source, tokenizer.mapper(source))
     stats = {"unit": unit.index, "source": unit.source, "start": unit.start, "stop": unit.stop, "counts": dict(counts),
              "labels": sorted(labels), "batches": sorted(batches), "genes_matched": matched}
