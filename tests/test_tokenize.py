@@ -186,3 +186,58 @@ def test_tokenize_anndata_in_memory(shared_data, gf_vocab_dir):
   assert stats["dropped_min_genes"] > 0  # Kang has cells with < 200 genes
   assert all(s[0] == 25426 and len(s) >= 201 for s in sentences)
   assert set(obs["cell_type"]) <= set(adata.obs["cell_type"])
+
+
+def _write_10x_h5(folder, path):
+  """Cell Ranger v3 .h5 layout, from the matching matrix folder."""
+  import gzip
+  import pandas as pd
+  import scipy.io
+  with gzip.open(folder / "matrix.mtx.gz") as f:
+    m = sp.csc_matrix(scipy.io.mmread(f))  # features x cells
+  features = pd.read_csv(folder / "features.tsv.gz", sep="\t", header=None)
+  barcodes = pd.read_csv(folder / "barcodes.tsv.gz", sep="\t", header=None)[0]
+  import h5py
+  with h5py.File(path, "w") as h:
+    g = h.create_group("matrix")
+    g["data"], g["indices"], g["indptr"] = m.data.astype(np.int32), m.indices, m.indptr
+    g["shape"] = np.array(m.shape, np.int32)
+    g["barcodes"] = barcodes.to_numpy().astype("S")
+    f = g.create_group("features")
+    f["id"], f["name"] = features[0].to_numpy().astype("S"), features[1].to_numpy().astype("S")
+    f["feature_type"] = features[2].to_numpy().astype("S")
+
+
+def test_tenx_h5_backed_anndata_and_directories_agree(shared_data, gf_vocab_dir, tmp_path):
+  with tarfile.open(shared_data / "10x" / "pbmc_10k_protein_v3_filtered_feature_bc_matrix.tar.gz") as t:
+    t.extractall(tmp_path, filter="data")
+  folder = tmp_path / "filtered_feature_bc_matrix"
+  _write_10x_h5(folder, tmp_path / "run.h5")
+  config = TokenizeConfig(min_genes=1)
+  from_folder, _ = _ours(folder, gf_vocab_dir, config)
+  from_h5, _ = _ours(tmp_path / "run.h5", gf_vocab_dir, config)
+  assert from_folder.keys() == from_h5.keys()
+  assert all(np.array_equal(from_folder[k], from_h5[k]) for k in from_folder)
+  # A backed AnnData reads the same cells as the streamed file.
+  kang = shared_data / "kang_pbmc_ifnb.h5ad"
+  streamed, _ = _ours(kang, gf_vocab_dir, config, gene_column="ensembl_id")
+  backed = AnnDataSource(anndata.read_h5ad(kang, backed="r"), str(kang), gene_column="ensembl_id")
+  tokenizer = CellTokenizer.from_vocab_dir(gf_vocab_dir, config)
+  got = {}
+  for cells in tokenizer.tokenize_source(backed):
+    got.update(zip(cells.obs_names, cells.sentences()))
+  assert got.keys() == streamed.keys()
+  assert all(np.array_equal(got[k], streamed[k]) for k in got)
+
+
+def test_directory_input_expands_to_its_files(tmp_path):
+  from genemamba_jax.data.readers import expand_inputs
+  genes = [f"ENSG{i}" for i in range(20)]
+  (tmp_path / "corpus").mkdir()
+  for name in ("b.h5ad", "a.h5ad"):
+    oracles.write_h5ad(tmp_path / "corpus" / name, oracles.random_counts(5, 20), genes)
+  (tmp_path / "corpus" / "notes.txt").write_text("not data")
+  assert [p.name for p in expand_inputs([tmp_path / "corpus"])] == ["a.h5ad", "b.h5ad"]
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError, match="holds no .h5ad"):
+    expand_inputs([tmp_path / "empty"])
