@@ -9,7 +9,7 @@ from typing import Any
 from genemamba_jax.data.errors import DataError
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
+def write_json_atomic(path: str | Path, obj: Any, default=None) -> None:
   """Writes `obj` as JSON so readers see either the old file or the new one.
 
   The temp file lives in the target's directory because os.replace is atomic
@@ -20,8 +20,10 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
                              suffix=".tmp")
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=1)
+      json.dump(obj, f, indent=1, default=default)
       f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())  # the data is on disk before the name points at it
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from genemamba_jax.data import jsonio
 from genemamba_jax.data.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -269,12 +270,8 @@ def read_shard_stats(out_dir: str | os.PathLike, shard_index: int) -> dict:
 def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]):
   """Writes ``manifest.json`` atomically (temp file, then os.replace)."""
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, MANIFEST_NAME)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(dict(manifest), f, indent=1, default=_json_default)
-  _fsync(tmp)
-  os.replace(tmp, path)
+  jsonio.write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), dict(manifest),
+                           default=_json_default)
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:
