@@ -29,14 +29,13 @@ median then is the usual interpolated estimate, off on heavily tied data).
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
+from genemamba_jax.data import jsonio
 from genemamba_jax.data import tdigest_kernels as tk
 from genemamba_jax.data.errors import DataError
 
@@ -234,22 +233,9 @@ class GeneDigests:
   def save(self, path) -> None:
     """Writes the JSON file (format in the module docstring) atomically."""
     path = Path(path)
-    text = json.dumps({"format": FORMAT, "version": VERSION,
-                       "compression": self.compression,
-                       "digests": self.digest_dicts()},
-                      separators=(",", ":"), allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                               dir=path.parent)
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    jsonio.write_json_atomic(path, {"format": FORMAT, "version": VERSION,
+                                    "compression": self.compression,
+                                    "digests": self.digest_dicts()}, compact=True)
 
   @classmethod
   def load(cls, path) -> "GeneDigests":

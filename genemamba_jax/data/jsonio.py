@@ -9,8 +9,11 @@ from typing import Any
 from genemamba_jax.data.errors import DataError
 
 
-def write_json_atomic(path: str | Path, obj: Any, default=None) -> None:
+def write_json_atomic(path: str | Path, obj: Any, default=None, compact: bool = False) -> None:
   """Writes `obj` as JSON so readers see either the old file or the new one.
+
+  `compact` drops indentation and spaces (for large files such as digests);
+  NaN and infinity are refused, since they are not JSON.
 
   The temp file lives in the target's directory because os.replace is atomic
   only within one file system.
@@ -20,7 +23,8 @@ def write_json_atomic(path: str | Path, obj: Any, default=None) -> None:
                              suffix=".tmp")
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=1, default=default)
+      json.dump(obj, f, indent=None if compact else 1, allow_nan=False, default=default,
+                separators=(",", ":") if compact else None)
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())  # the data is on disk before the name points at it
