@@ -116,6 +116,7 @@ def _toy_vocab(tmp_path, genes, medians, space="normalized"):
   return tmp_path / "v"
 
 
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
 def test_qc_duplicates_primary_and_min_genes(tmp_path):
   genes = ["ENSG1", "ENSG2", "ENSG3"]
   vocab_dir = _toy_vocab(tmp_path, genes, [1.0, 1.0, 1.0])

@@ -130,6 +130,15 @@ def _locate(chunk: CellChunk, source: CountSource, bad: np.ndarray) -> str:
           f"gene {source.gene_ids[chunk.counts.indices[k]]!r}")
 
 
+def primary_mask(chunk: CellChunk, config: QCConfig, stats: collections.Counter) -> np.ndarray:
+  """[cells] bool: False for cells with obs.is_primary_data == False (when checked)."""
+  keep = np.ones(chunk.counts.shape[0], bool)
+  if config.primary_only and PRIMARY_COLUMN in chunk.obs.columns:
+    keep = _is_primary(chunk.obs[PRIMARY_COLUMN])
+    stats["dropped_not_primary"] += int(np.sum(~keep))
+  return keep
+
+
 def normalize_chunk(chunk: CellChunk, source: CountSource, mapper: GeneMapper, config: QCConfig,
                     stats: collections.Counter, columns: Sequence[str] = ()) -> NormalizedCells:
   """QC + gene mapping + normalization of one chunk; counts drops into `stats`.
@@ -139,12 +148,8 @@ def normalize_chunk(chunk: CellChunk, source: CountSource, mapper: GeneMapper, c
   check_counts(chunk, source)
   n = chunk.counts.shape[0]
   stats["cells_read"] += n
-  totals = np.asarray(chunk.counts.sum(axis=1), np.float64).ravel()
-  keep = np.ones(n, bool)
-  if config.primary_only and PRIMARY_COLUMN in chunk.obs.columns:
-    primary = _is_primary(chunk.obs[PRIMARY_COLUMN])
-    stats["dropped_not_primary"] += int(np.sum(~primary))
-    keep &= primary
+  totals = np.asarray(chunk.counts.sum(axis=1, dtype=np.float64)).ravel()
+  keep = primary_mask(chunk, config, stats)
   values = mapper(chunk.counts)
   expressed = np.diff(values.indptr)
   few = keep & (expressed < max(config.min_genes, 1))

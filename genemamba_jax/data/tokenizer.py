@@ -19,12 +19,13 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from genemamba_jax.data import fast_tokenize
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
 from genemamba_jax.data import ranking
 from genemamba_jax.data import vocab as vocab_lib
 from genemamba_jax.data.errors import DataError
-from genemamba_jax.data.readers import AnnDataSource, CountSource
+from genemamba_jax.data.readers import AnnDataSource, CellChunk, CountSource
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,16 +130,34 @@ class CellTokenizer:
     if self.config.primary_only and qc.PRIMARY_COLUMN in source.obs_columns:
       read.append(qc.PRIMARY_COLUMN)
     for chunk in source.chunks(self.config.chunk_size, start, stop, list(dict.fromkeys(read))):
-      cells = qc.normalize_chunk(chunk, source, mapper, self.config.qc, stats, columns)
-      yield self.tokenize_normalized(cells)
+      yield self.tokenize_chunk(chunk, source, mapper, stats, columns)
+
+  def tokenize_chunk(self, chunk: CellChunk, source: CountSource, mapper: qc.GeneMapper,
+                     stats: collections.Counter, columns: Sequence[str] = ()) -> TokenizedCells:
+    """QC + ranking of one chunk with the compiled kernel (`fast_tokenize`)."""
+    qc.check_counts(chunk, source)
+    keep = qc.primary_mask(chunk, self.config.qc, stats)
+    counts = chunk.counts
+    tokens, offsets, kept = fast_tokenize.rank_tokenize(
+        counts.data, counts.indices, counts.indptr, mapper.column_to_target, self.inverse_median,
+        self.target_tokens, keep, self.config.min_genes, self.max_genes, self.config.log1p)
+    stats["cells_read"] += len(kept)
+    stats["dropped_min_genes"] += int(np.sum(keep & ~kept))
+    stats["cells_kept"] += int(np.sum(kept))
+    return self._sentences(tokens, offsets, chunk.obs_names[kept],
+                           chunk.obs.iloc[np.flatnonzero(kept)][list(columns)])
 
   def tokenize_normalized(self, cells: qc.NormalizedCells) -> TokenizedCells:
+    """The numpy reference path: ranks cells that `qc.normalize_chunk` produced."""
     columns, offsets = ranking.rank_genes(cells.values, self.inverse_median, self.max_genes)
-    tokens = self.target_tokens[columns]
+    return self._sentences(self.target_tokens[columns], offsets, cells.obs_names, cells.obs)
+
+  def _sentences(self, tokens: np.ndarray, offsets: np.ndarray, obs_names: np.ndarray,
+                 obs: pd.DataFrame) -> TokenizedCells:
     tokens, offsets = ranking.add_special_tokens(
         tokens, offsets, self.vocab.cls_id if self.config.cls else None,
         self.vocab.eos_id if self.config.eos else None)
-    return TokenizedCells(tokens, offsets, cells.obs_names, cells.obs)
+    return TokenizedCells(tokens, offsets, obs_names, obs)
 
 
 def tokenize_anndata(adata, vocab_dir, config: TokenizeConfig = TokenizeConfig(),
