@@ -55,6 +55,28 @@ def child(argv):
   print(f"RESULT status={status} seconds={seconds:.3f} peak_rss_mb={rss:.0f}")
 
 
+def kernel_vs_numpy(path: Path, vocab: Path, gene_map: Path) -> tuple[float, float]:
+  """cells/s of the compiled kernel and of the numpy reference path, same chunks, in memory."""
+  import collections
+  from genemamba_jax.data import genes, qc, readers
+  from genemamba_jax.data.tokenizer import CellTokenizer, TokenizeConfig
+  tok = CellTokenizer.from_vocab_dir(vocab, TokenizeConfig(), genes.load_gene_map(gene_map))
+  source = readers.open_source(path)
+  mapper = tok.mapper(source)
+  chunks = list(source.chunks(1024))
+  n = sum(c.counts.shape[0] for c in chunks)
+  tok.tokenize_chunk(chunks[0], source, mapper, collections.Counter())  # compile / load
+  rates = []
+  for fn in (lambda c: tok.tokenize_chunk(c, source, mapper, collections.Counter()),
+             lambda c: tok.tokenize_normalized(qc.normalize_chunk(
+                 c, source, mapper, tok.config.qc, collections.Counter()))):
+    t0 = time.perf_counter()
+    for c in chunks:
+      fn(c)
+    rates.append(n / (time.perf_counter() - t0))
+  return tuple(rates)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000])
@@ -85,6 +107,12 @@ def main():
     rows.append((n, seconds, n / seconds, float(fields["peak_rss_mb"]), path.stat().st_size / 2**20))
     print(f"{n:>8,} cells: {seconds:6.2f} s  {n / seconds:>8,.0f} cells/s  "
           f"peak RSS {fields['peak_rss_mb']} MB  (file {rows[-1][4]:.0f} MB)", flush=True)
+  kernel, reference = kernel_vs_numpy(make_file(min(args.cells)), vocab, gf / "gene_name_id_dict.pkl")
+  print(f"QC + ranking only, chunks of 1024 in memory: kernel {kernel:,.0f} cells/s, numpy "
+        f"reference {reference:,.0f} cells/s ({kernel / reference:.1f}x)")
+  if len(rows) >= 2:  # fixed start-up costs (imports, vocabulary, kernel cache) cancel out
+    (n0, t0, *_), (n1, t1, *_) = rows[0], rows[-1]
+    print(f"marginal throughput {n0:,} -> {n1:,} cells: {(n1 - n0) / (t1 - t0):,.0f} cells/s")
   cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
              platform.processor())
   print(f"machine: {cpu}, {os.cpu_count()} cores; python {platform.python_version()}, "
