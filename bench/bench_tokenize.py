@@ -107,6 +107,20 @@ def main():
     rows.append((n, seconds, n / seconds, float(fields["peak_rss_mb"]), path.stat().st_size / 2**20))
     print(f"{n:>8,} cells: {seconds:6.2f} s  {n / seconds:>8,.0f} cells/s  "
           f"peak RSS {fields['peak_rss_mb']} MB  (file {rows[-1][4]:.0f} MB)", flush=True)
+  # prepare medians on the largest file: every non-zero is digested (symbols, no gene table).
+  import h5py
+  path, out = make_file(max(args.cells)), WORK / "medians_vocab"
+  shutil.rmtree(out, ignore_errors=True)
+  res = subprocess.run([sys.executable, __file__, "--child", "medians", "--input", str(path),
+                        "--out", str(out), "--min-genes", "0"], capture_output=True, text=True,
+                       check=True)
+  line = [l for l in res.stdout.splitlines() if l.startswith("RESULT")][-1]
+  fields = dict(kv.split("=") for kv in line.split()[1:])
+  with h5py.File(path) as f:
+    values = int(f["X/indptr"][-1])
+  print(f"prepare medians, {max(args.cells):,} cells, {values / 1e6:.0f}M non-zeros: "
+        f"{fields['seconds']} s = {values / float(fields['seconds']) / 1e6:.1f}M values/s end to end, "
+        f"peak RSS {fields['peak_rss_mb']} MB")
   kernel, reference = kernel_vs_numpy(make_file(min(args.cells)), vocab, gf / "gene_name_id_dict.pkl")
   print(f"QC + ranking only, chunks of 1024 in memory: kernel {kernel:,.0f} cells/s, numpy "
         f"reference {reference:,.0f} cells/s ({kernel / reference:.1f}x)")
