@@ -1,10 +1,8 @@
 """The prepare CLI end to end: outputs, resume, workers, medians, and every bad input."""
 
-import json
 import os
 import pickle
 
-import h5py
 import numpy as np
 import pytest
 

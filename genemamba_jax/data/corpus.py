@@ -24,7 +24,6 @@ from tqdm import tqdm
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
 from genemamba_jax.data import readers
-from genemamba_jax.data import records
 from genemamba_jax.data.errors import DataError
 
 

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from genemamba_jax.data import corpus
 from genemamba_jax.data import genes as genes_lib
@@ -52,8 +51,9 @@ def _allowed_genes(config: MedianConfig) -> set[str] | None:
   return _ALLOWED[config.gene_table]
 
 
-def candidate_mapper(source, config: MedianConfig, inputs: corpus.InputConfig) -> qc.GeneMapper:
-  """Maps a source's genes onto its own candidate genes (sorted unique ids)."""
+def candidate_mapper(source, config: MedianConfig, inputs: corpus.InputConfig
+                     ) -> tuple[qc.GeneMapper, list[str]]:
+  """Maps a source's genes onto its own candidate genes; returns (mapper, candidate ids)."""
   ids = source.gene_ids
   if inputs.gene_map is not None:
     ids = genes_lib.map_gene_ids(ids, corpus.gene_map(inputs))
@@ -65,28 +65,20 @@ def candidate_mapper(source, config: MedianConfig, inputs: corpus.InputConfig) -
     raise DataError(f"{source.path}: none of its {len(ids)} gene ids (e.g. "
                     f"{', '.join(map(str, source.gene_ids[:3]))}) is {why}; check --gene-column "
                     "and --gene-map")
-  return qc.GeneMapper(ids, {g: i for i, g in enumerate(candidates)})
+  return qc.GeneMapper(ids, {g: i for i, g in enumerate(candidates)}), candidates
 
 
 def _digest_unit(unit: corpus.Unit, paths: list[str], config: MedianConfig,
                  inputs: corpus.InputConfig) -> tuple[int, tuple]:
   source = corpus.open_cached(paths[unit.source], inputs)
-  mapper = candidate_mapper(source, config, inputs)
-  genes = [None] * mapper.num_targets
-  targets = {}
-  ids = source.gene_ids if inputs.gene_map is None else genes_lib.map_gene_ids(
-      source.gene_ids, corpus.gene_map(inputs))
-  for g, t in zip(ids, mapper.column_to_target):
-    if t >= 0:
-      targets[t] = g
-  genes = [targets[t] for t in range(mapper.num_targets)]
+  mapper, genes = candidate_mapper(source, config, inputs)
   digests, stats = GeneDigests(), collections.Counter()
   qc_config = qc.QCConfig(config.min_genes, config.primary_only, config.log1p)
-  read = [qc.PRIMARY_COLUMN] if config.primary_only and qc.PRIMARY_COLUMN in source.obs_columns else []
+  read = qc.obs_columns_to_read(source, qc_config)
   for chunk in source.chunks(config.chunk_size, unit.start, unit.stop, read):
     cells = qc.normalize_chunk(chunk, source, mapper, qc_config, stats)
     digests.update(genes, cells.values)
-  return unit.stop - unit.start, (unit.source, digests, stats, (mapper.num_matched, len(ids)))
+  return unit.stop - unit.start, (unit.source, digests, stats, (mapper.num_matched, len(source.gene_ids)))
 
 
 def compute_medians(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,

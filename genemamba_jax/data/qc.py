@@ -130,6 +130,15 @@ def _locate(chunk: CellChunk, source: CountSource, bad: np.ndarray) -> str:
           f"gene {source.gene_ids[chunk.counts.indices[k]]!r}")
 
 
+def obs_columns_to_read(source: CountSource, config: QCConfig, columns: Sequence[str] = ()
+                        ) -> list[str]:
+  """`columns` plus the QC columns the source has (is_primary_data), without repeats."""
+  read = list(columns)
+  if config.primary_only and PRIMARY_COLUMN in source.obs_columns:
+    read.append(PRIMARY_COLUMN)
+  return list(dict.fromkeys(read))
+
+
 def primary_mask(chunk: CellChunk, config: QCConfig, stats: collections.Counter) -> np.ndarray:
   """[cells] bool: False for cells with obs.is_primary_data == False (when checked)."""
   keep = np.ones(chunk.counts.shape[0], bool)

@@ -126,10 +126,8 @@ class CellTokenizer:
     """
     stats = collections.Counter() if stats is None else stats
     mapper = self.mapper(source)
-    read = list(columns)
-    if self.config.primary_only and qc.PRIMARY_COLUMN in source.obs_columns:
-      read.append(qc.PRIMARY_COLUMN)
-    for chunk in source.chunks(self.config.chunk_size, start, stop, list(dict.fromkeys(read))):
+    read = qc.obs_columns_to_read(source, self.config.qc, columns)
+    for chunk in source.chunks(self.config.chunk_size, start, stop, read):
       yield self.tokenize_chunk(chunk, source, mapper, stats, columns)
 
   def tokenize_chunk(self, chunk: CellChunk, source: CountSource, mapper: qc.GeneMapper,
