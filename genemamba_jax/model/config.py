@@ -1,0 +1,100 @@
+"""GeneMambaConfig: every size and switch of the model in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+MIXERS = ("mamba1", "mamba2")
+COMBINES = ("mean", "sum", "concat", "gate")
+SCAN_BACKENDS = ("sequential", "associative", "chunked")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneMambaConfig:
+  """Model hyperparameters. Defaults are the paper's model (65.74M parameters).
+
+  Sizes follow mamba_ssm: d_inner = expand * d_model; Mamba-2 has d_inner /
+  headdim heads and ngroups groups of B/C; Mamba-1 has dt_rank = ceil(d_model /
+  16) unless given. `d_state=None` means mamba_ssm's default for the mixer: 16
+  for Mamba-1, 64 for Mamba-2 (what the released GeneMamba weights use).
+  """
+  vocab_size: int = 25_426
+  d_model: int = 512
+  n_layers: int = 24
+  mixer: Literal["mamba1", "mamba2"] = "mamba2"
+  d_state: int | None = None
+  d_conv: int = 4
+  expand: int = 2
+  headdim: int = 64  # Mamba-2 head size P
+  ngroups: int = 1  # Mamba-2 groups of B and C
+  dt_rank: int | None = None  # Mamba-1; None = ceil(d_model / 16)
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init_floor: float = 1e-4
+  A_init_range: tuple[float, float] = (1.0, 16.0)  # Mamba-2 A = -uniform(range)
+  conv_bias: bool = True
+  proj_bias: bool = False  # in_proj / out_proj bias (mamba_ssm: False)
+  norm_eps: float = 1e-5
+  # Bidirectional combination of the forward and reverse streams of a layer.
+  combine: Literal["mean", "sum", "concat", "gate"] = "mean"
+  shared_combine: bool = False  # one concat/gate Linear for all layers (original code)
+  prenorm: bool = False  # RMSNorm before each layer's mixer (the original has none)
+  tie_embeddings: bool = False  # original: untied LM head with bias
+  lm_head_bias: bool = True
+  pad_id: int = 0
+  dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+  scan_backend: Literal["sequential", "associative", "chunked"] = "associative"
+  scan_chunk_size: int = 64  # for the chunked backend
+  remat: bool = False  # recompute each layer's activations in the backward pass
+
+  def __post_init__(self):
+    def fail(msg):
+      raise ValueError(f"GeneMambaConfig: {msg}")
+    if self.mixer not in MIXERS:
+      fail(f"mixer={self.mixer!r}; use one of {MIXERS}")
+    if self.combine not in COMBINES:
+      fail(f"combine={self.combine!r}; use one of {COMBINES}")
+    if self.scan_backend not in SCAN_BACKENDS:
+      fail(f"scan_backend={self.scan_backend!r}; use one of {SCAN_BACKENDS}")
+    if self.dtype not in DTYPES:
+      fail(f"dtype={self.dtype!r}; use one of {DTYPES}")
+    for name in ("vocab_size", "d_model", "n_layers", "d_conv", "expand", "headdim", "ngroups",
+                 "scan_chunk_size"):
+      if getattr(self, name) < 1:
+        fail(f"{name}={getattr(self, name)} must be >= 1")
+    if self.d_state is not None and self.d_state < 1:
+      fail(f"d_state={self.d_state} must be >= 1")
+    if self.mixer == "mamba2":
+      if self.d_inner % self.headdim:
+        fail(f"d_inner={self.d_inner} (expand * d_model) is not a multiple of headdim={self.headdim}")
+      if self.nheads % self.ngroups:
+        fail(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}")
+    if self.tie_embeddings and self.lm_head_bias is None:
+      fail("tie_embeddings needs lm_head_bias True or False")
+    if not 0 <= self.pad_id < self.vocab_size:
+      fail(f"pad_id={self.pad_id} is not a token id of a vocabulary of {self.vocab_size}")
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.d_model
+
+  @property
+  def state_size(self) -> int:
+    """N: d_state, or mamba_ssm's default for the mixer."""
+    if self.d_state is not None:
+      return self.d_state
+    return 16 if self.mixer == "mamba1" else 64
+
+  @property
+  def nheads(self) -> int:
+    return self.d_inner // self.headdim
+
+  @property
+  def time_step_rank(self) -> int:
+    return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
+
+  def replace(self, **changes) -> "GeneMambaConfig":
+    return dataclasses.replace(self, **changes)
