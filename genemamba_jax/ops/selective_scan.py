@@ -1,0 +1,121 @@
+"""Mamba-1 selective scan (mamba_ssm `selective_scan_ref` semantics) in JAX.
+
+Three interchangeable backends compute the same recurrence
+
+  h_t = exp(dt_t * A) * h_{t-1} + (dt_t * x_t)[:, None] * B_t[None, :]
+  y_t = h_t @ C_t (+ D * x_t)
+
+with the state h: [batch, d, N] in float32:
+
+  sequential   `lax.scan` over time; the reference and test oracle. Its
+               backward keeps every h_t: [L, batch, d, N].
+  associative  `lax.associative_scan` over (decay, input) pairs: log-depth,
+               but materialises several [batch, L, d, N] tensors.
+  chunked      `lax.scan` over chunks of `chunk_size` steps carrying h, an
+               associative scan inside each chunk, `jax.checkpoint` per chunk:
+               the backward recomputes a chunk at a time, so memory holds the
+               chunk boundary states [L / chunk, batch, d, N] plus O(batch*L*d)
+               activations instead of a [batch, L, d, N] tensor.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from genemamba_jax.ops import scan_utils
+
+
+def _inputs(dt, A, x, B):
+  """Per-step decay exp(dt * A) and input dt * x * B, both [batch, T, d, N]."""
+  decay = jnp.exp(dt[..., None] * A)
+  inp = (dt * x)[..., None] * B[:, :, None, :]
+  return decay, inp
+
+
+def _sequential(x, dt, A, B, C, chunk_size):
+  """All inputs float32; x, dt: [b, L, d], A: [d, N], B, C: [b, L, N]."""
+  del chunk_size
+
+  def step(h, xs):
+    x_t, dt_t, b_t, c_t = xs  # [b, d], [b, d], [b, N], [b, N]
+    h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * b_t[:, None]
+    return h, jnp.einsum("bdn,bn->bd", h, c_t)
+
+  h0 = jnp.zeros((x.shape[0],) + A.shape, jnp.float32)
+  time_major = [jnp.moveaxis(a, 1, 0) for a in (x, dt, B, C)]
+  _, y = jax.lax.scan(step, h0, time_major)
+  return jnp.moveaxis(y, 0, 1)
+
+
+def _associative(x, dt, A, B, C, chunk_size):
+  del chunk_size
+  decay, inp = _inputs(dt, A, x, B)
+  _, h = jax.lax.associative_scan(scan_utils.linear_combine, (decay, inp), axis=1)
+  return jnp.einsum("bldn,bln->bld", h, C)
+
+
+def _chunked(x, dt, A, B, C, chunk_size):
+  scan_utils.check_chunk_size(chunk_size)
+  length = x.shape[1]
+  (x, dt, B, C), _ = scan_utils.pad_time([x, dt, B, C], chunk_size)
+
+  def chunk(h0, xs):
+    """h0: [b, d, N]; xs: one chunk of (x, dt, B, C), time length T."""
+    x_c, dt_c, b_c, c_c = xs
+    # Built here, not outside the scan, so [b, L, d, N] never exists.
+    decay, inp = _inputs(dt_c, A, x_c, b_c)
+    decay_cum, h_local = jax.lax.associative_scan(
+        scan_utils.linear_combine, (decay, inp), axis=1)
+    h = decay_cum * h0[:, None] + h_local  # [b, T, d, N]
+    return h[:, -1], jnp.einsum("btdn,btn->btd", h, c_c)
+
+  # Saves only the chunk's inputs (h0 and O(b*T*d) slices) for the backward;
+  # prevent_cse is unneeded under scan and only blocks optimisations.
+  chunk = jax.checkpoint(chunk, prevent_cse=False)
+  h0 = jnp.zeros((x.shape[0],) + A.shape, jnp.float32)
+  xs = [scan_utils.to_chunks(a, chunk_size) for a in (x, dt, B, C)]
+  _, y = jax.lax.scan(chunk, h0, xs)
+  return scan_utils.from_chunks(y)[:, :length]
+
+
+_IMPLS = {
+    "sequential": _sequential,
+    "associative": _associative,
+    "chunked": _chunked,
+}
+
+
+def selective_scan(x, dt, A, B, C, D=None, *, backend="associative",
+                   chunk_size=64):
+  """Mamba-1 selective scan (mamba_ssm selective_scan_ref semantics).
+
+  dt is the final step size: softplus and dt bias already applied.
+
+  h_t = exp(dt_t * A) * h_{t-1} + (dt_t * x_t)[:, None] * B_t[None, :]
+  (state [batch, d, N], float32, h_{-1} = 0);
+  y_t = sum_n C_t[n] * h_t[:, n] (+ D * x_t).
+
+  Args:
+    x: [batch, L, d], compute dtype (float32 or bfloat16).
+    dt: [batch, L, d], float32, > 0.
+    A: [d, N], float32, negative.
+    B: [batch, L, N], compute dtype.
+    C: [batch, L, N], compute dtype.
+    D: [d] or None, skip connection.
+    backend: one of `BACKENDS` ("sequential", "associative", "chunked").
+    chunk_size: time steps per chunk (chunked backend only); L need not be a
+      multiple of it.
+
+  Returns:
+    y: [batch, L, d] in x.dtype, accumulated in float32.
+  """
+  impl = scan_utils.get_backend(_IMPLS, backend)
+  # Everything in float32 whatever x's dtype: a bf16 state cannot represent
+  # decays close to 1 or accumulate small increments over long sequences.
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  xf = f32(x)
+  y = impl(xf, f32(dt), f32(A), f32(B), f32(C), chunk_size)
+  if D is not None:
+    y = y + f32(D) * xf
+  return y.astype(x.dtype)

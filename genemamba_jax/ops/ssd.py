@@ -1,0 +1,156 @@
+"""Mamba-2 scan (state space duality, mamba_ssm `ssd` semantics) in JAX.
+
+One scalar decay per head, head dim P, B/C shared by groups of heads:
+
+  h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t (outer) B_t   (state [b, H, P, N])
+  y_t = h_t @ C_t (+ D * x_t)
+
+Backends, all with a float32 state:
+
+  sequential   `lax.scan` over time; the reference and test oracle.
+  associative  `lax.associative_scan` over (decay, input) pairs; the decay
+               stays [.., H, 1, 1] so combines are cheap, but inputs and
+               states are materialised as [b, L, H, P, N].
+  chunked      the SSD matmul form (mamba_ssm `ssd_minimal_discrete`): within
+               a chunk, y = (C B^T * exp(segsum(A dt))) (dt x) plus the carried
+               state read out through C; a `lax.scan` over chunks carries the
+               state, `jax.checkpoint` per chunk keeps only boundary states
+               [L / chunk, b, H, P, N] and O(b*L*H*P) activations for the
+               backward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from genemamba_jax.ops import scan_utils
+
+
+def _heads(a, n_heads):
+  """Group tensor [b, L, G, N] -> per-head [b, L, H, N] (head h uses h // (H//G))."""
+  return jnp.repeat(a, n_heads // a.shape[2], axis=2)
+
+
+def _sequential(x, dt, A, B, C, chunk_size):
+  """All float32; x: [b, L, H, P], dt: [b, L, H], A: [H], B, C: [b, L, G, N]."""
+  del chunk_size
+  b, _, n_heads, p = x.shape
+  B, C = _heads(B, n_heads), _heads(C, n_heads)
+
+  def step(h, xs):
+    x_t, dt_t, b_t, c_t = xs  # [b, H, P], [b, H], [b, H, N], [b, H, N]
+    decay = jnp.exp(dt_t * A)[..., None, None]
+    h = decay * h + (dt_t[..., None] * x_t)[..., None] * b_t[:, :, None]
+    return h, jnp.einsum("bhpn,bhn->bhp", h, c_t)
+
+  h0 = jnp.zeros((b, n_heads, p, B.shape[-1]), jnp.float32)
+  time_major = [jnp.moveaxis(a, 1, 0) for a in (x, dt, B, C)]
+  _, y = jax.lax.scan(step, h0, time_major)
+  return jnp.moveaxis(y, 0, 1)
+
+
+def _associative(x, dt, A, B, C, chunk_size):
+  del chunk_size
+  B, C = _heads(B, x.shape[2]), _heads(C, x.shape[2])
+  decay = jnp.exp(dt * A)[..., None, None]  # [b, L, H, 1, 1]
+  inp = (dt[..., None] * x)[..., None] * B[:, :, :, None]  # [b, L, H, P, N]
+  _, h = jax.lax.associative_scan(scan_utils.linear_combine, (decay, inp), axis=1)
+  return jnp.einsum("blhpn,blhn->blhp", h, C)
+
+
+def segsum(a):
+  """Segment sums: out[..., i, j] = sum_{k=j+1}^{i} a[..., k] for i >= j, else 0.
+
+  Summing masked entries (not cumsum differences) keeps it exact for long,
+  strongly decaying chunks. exp(segsum) is only meaningful where i >= j; the
+  caller masks the rest.
+
+  Args:
+    a: [..., T].
+  Returns:
+    [..., T, T].
+  """
+  t = a.shape[-1]
+  strict_lower = jnp.tril(jnp.ones((t, t), bool), -1)
+  rows = jnp.where(strict_lower, a[..., :, None], 0.0)  # rows[i, j] = a[i], i > j
+  return jnp.cumsum(rows, axis=-2)
+
+
+def _chunked(x, dt, A, B, C, chunk_size):
+  scan_utils.check_chunk_size(chunk_size)
+  b, length, n_heads, p = x.shape
+  g, n = B.shape[2:]
+  k = n_heads // g
+  t = chunk_size
+  (x, dt, B, C), _ = scan_utils.pad_time([x, dt, B, C], chunk_size)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+
+  def chunk(h0, xs):
+    """h0: [b, H, P, N]; xs: one chunk, x [b, T, H, P], dt [b, T, H], B/C [b, T, G, N]."""
+    x_c, dt_c, b_c, c_c = xs
+    log_decay = dt_c * A  # [b, T, H]
+    cum = jnp.cumsum(log_decay, axis=1)  # [b, T, H]
+    xdt = (x_c * dt_c[..., None]).reshape(b, t, g, k, p)
+    # Intra-chunk (diagonal block): y_l = sum_{s<=l} C_l.B_s * decay(s->l) * xdt_s.
+    decay_ls = jnp.where(causal, jnp.exp(segsum(jnp.moveaxis(log_decay, 1, -1))),
+                         0.0)  # [b, H, T(l), T(s)]
+    cb = jnp.einsum("blgn,bsgn->bgls", c_c, b_c)
+    m = cb[:, :, None] * decay_ls.reshape(b, g, k, t, t)
+    y_diag = jnp.einsum("bgkls,bsgkp->blgkp", m, xdt)
+    # Carried state read out at each step, decayed from the chunk start.
+    h0g = h0.reshape(b, g, k, p, n)
+    y_off = jnp.einsum("blgn,bgkpn,blgk->blgkp", c_c, h0g,
+                       jnp.exp(cum).reshape(b, t, g, k))
+    # State at the chunk end: carried state decayed + this chunk's inputs.
+    decay_to_end = jnp.exp(cum[:, -1:] - cum).reshape(b, t, g, k)
+    h_local = jnp.einsum("bsgn,bsgk,bsgkp->bgkpn", b_c, decay_to_end, xdt)
+    h_end = (jnp.exp(cum[:, -1])[..., None, None] * h0
+             + h_local.reshape(b, n_heads, p, n))
+    return h_end, (y_diag + y_off).reshape(b, t, n_heads, p)
+
+  chunk = jax.checkpoint(chunk, prevent_cse=False)
+  h0 = jnp.zeros((b, n_heads, p, n), jnp.float32)
+  xs = [scan_utils.to_chunks(a, chunk_size) for a in (x, dt, B, C)]
+  _, y = jax.lax.scan(chunk, h0, xs)
+  return scan_utils.from_chunks(y)[:, :length]
+
+
+_IMPLS = {
+    "sequential": _sequential,
+    "associative": _associative,
+    "chunked": _chunked,
+}
+
+
+def ssd(x, dt, A, B, C, D=None, *, backend="associative", chunk_size=64):
+  """Mamba-2 scan: scalar A per head, head dim P, grouped B/C (mamba_ssm ssd).
+
+  h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t outer B_t (state [batch, H, P, N],
+  float32, h_{-1} = 0); y_t = h_t @ C_t (+ D * x_t).
+
+  Args:
+    x: [batch, L, H, P], compute dtype.
+    dt: [batch, L, H], float32, > 0 (softplus and bias applied).
+    A: [H], float32, negative.
+    B: [batch, L, G, N], compute dtype; H % G == 0, head h uses group
+      h // (H // G).
+    C: [batch, L, G, N], compute dtype.
+    D: [H] or None, skip connection.
+    backend: one of `BACKENDS` ("sequential", "associative", "chunked").
+    chunk_size: time steps per chunk (chunked backend only); L need not be a
+      multiple of it.
+
+  Returns:
+    y: [batch, L, H, P] in x.dtype, accumulated in float32.
+  """
+  impl = scan_utils.get_backend(_IMPLS, backend)
+  if x.shape[2] % B.shape[2]:
+    raise ValueError(f"heads H={x.shape[2]} not a multiple of groups G={B.shape[2]}")
+  # float32 throughout (state, exp, cumsum); only the output goes back to x.dtype.
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  xf = f32(x)
+  y = impl(xf, f32(dt), f32(A), f32(B), f32(C), chunk_size)
+  if D is not None:
+    y = y + f32(D)[:, None] * xf
+  return y.astype(x.dtype)
