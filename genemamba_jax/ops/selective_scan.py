@@ -11,11 +11,16 @@ with the state h: [batch, d, N] in float32:
                backward keeps every h_t: [L, batch, d, N].
   associative  `lax.associative_scan` over (decay, input) pairs: log-depth,
                but materialises several [batch, L, d, N] tensors.
-  chunked      `lax.scan` over chunks of `chunk_size` steps carrying h, an
-               associative scan inside each chunk, `jax.checkpoint` per chunk:
-               the backward recomputes a chunk at a time, so memory holds the
+  chunked      `lax.scan` over chunks of `chunk_size` steps carrying h, a
+               scan inside each chunk, `jax.checkpoint` per chunk: the
+               backward recomputes a chunk at a time, so memory holds the
                chunk boundary states [L / chunk, batch, d, N] plus O(batch*L*d)
                activations instead of a [batch, L, d, N] tensor.
+
+The scan inside a chunk is sequential on CPU, where a step is cheap and the
+associative scan's extra passes over [batch, T, d, N] cost ~3.5x fwd+bwd time
+(bench/RESULTS.md), and associative elsewhere, where log-depth parallelism
+pays. `INNER_SCAN` holds that choice per platform.
 """
 
 from __future__ import annotations
@@ -33,19 +38,41 @@ def _inputs(dt, A, x, B):
   return decay, inp
 
 
-def _sequential(x, dt, A, B, C, chunk_size):
-  """All inputs float32; x, dt: [b, L, d], A: [d, N], B, C: [b, L, N]."""
-  del chunk_size
+def _scan_steps(h0, x, dt, A, B, C):
+  """Sequential recurrence from state h0 over axis 1.
 
+  Args:
+    h0: [b, d, N]; x, dt: [b, T, d]; A: [d, N]; B, C: [b, T, N]. All float32.
+  Returns:
+    (h at the last step [b, d, N], y [b, T, d]).
+  """
   def step(h, xs):
     x_t, dt_t, b_t, c_t = xs  # [b, d], [b, d], [b, N], [b, N]
     h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * b_t[:, None]
     return h, jnp.einsum("bdn,bn->bd", h, c_t)
 
-  h0 = jnp.zeros((x.shape[0],) + A.shape, jnp.float32)
   time_major = [jnp.moveaxis(a, 1, 0) for a in (x, dt, B, C)]
-  _, y = jax.lax.scan(step, h0, time_major)
-  return jnp.moveaxis(y, 0, 1)
+  h, y = jax.lax.scan(step, h0, time_major)
+  return h, jnp.moveaxis(y, 0, 1)
+
+
+def _associative_steps(h0, x, dt, A, B, C):
+  """Same contract as `_scan_steps`, by an associative scan over the T axis."""
+  decay, inp = _inputs(dt, A, x, B)  # [b, T, d, N]
+  decay_cum, h_local = jax.lax.associative_scan(
+      scan_utils.linear_combine, (decay, inp), axis=1)
+  h = decay_cum * h0[:, None] + h_local
+  return h[:, -1], jnp.einsum("btdn,btn->btd", h, C)
+
+
+def _zero_state(x, A):
+  return jnp.zeros((x.shape[0],) + A.shape, jnp.float32)
+
+
+def _sequential(x, dt, A, B, C, chunk_size):
+  """All inputs float32; x, dt: [b, L, d], A: [d, N], B, C: [b, L, N]."""
+  del chunk_size
+  return _scan_steps(_zero_state(x, A), x, dt, A, B, C)[1]
 
 
 def _associative(x, dt, A, B, C, chunk_size):
@@ -55,27 +82,32 @@ def _associative(x, dt, A, B, C, chunk_size):
   return jnp.einsum("bldn,bln->bld", h, C)
 
 
-def _chunked(x, dt, A, B, C, chunk_size):
+INNER_SCAN = {"cpu": "sequential"}  # platform -> scan inside a chunk
+_INNER_DEFAULT = "associative"
+_INNER_IMPLS = {"sequential": _scan_steps, "associative": _associative_steps}
+
+
+def _chunked(x, dt, A, B, C, chunk_size, inner=None):
+  """Chunked backend; `inner` ("sequential" / "associative") defaults by platform."""
   scan_utils.check_chunk_size(chunk_size)
+  if inner is None:
+    inner = INNER_SCAN.get(jax.default_backend(), _INNER_DEFAULT)
+  steps = _INNER_IMPLS[inner]
   length = x.shape[1]
   (x, dt, B, C), _ = scan_utils.pad_time([x, dt, B, C], chunk_size)
 
   def chunk(h0, xs):
     """h0: [b, d, N]; xs: one chunk of (x, dt, B, C), time length T."""
     x_c, dt_c, b_c, c_c = xs
-    # Built here, not outside the scan, so [b, L, d, N] never exists.
-    decay, inp = _inputs(dt_c, A, x_c, b_c)
-    decay_cum, h_local = jax.lax.associative_scan(
-        scan_utils.linear_combine, (decay, inp), axis=1)
-    h = decay_cum * h0[:, None] + h_local  # [b, T, d, N]
-    return h[:, -1], jnp.einsum("btdn,btn->btd", h, c_c)
+    # Decays and inputs are built in here, not before the scan, so no
+    # [b, L, d, N] tensor ever exists.
+    return steps(h0, x_c, dt_c, A, b_c, c_c)
 
   # Saves only the chunk's inputs (h0 and O(b*T*d) slices) for the backward;
   # prevent_cse is unneeded under scan and only blocks optimisations.
   chunk = jax.checkpoint(chunk, prevent_cse=False)
-  h0 = jnp.zeros((x.shape[0],) + A.shape, jnp.float32)
   xs = [scan_utils.to_chunks(a, chunk_size) for a in (x, dt, B, C)]
-  _, y = jax.lax.scan(chunk, h0, xs)
+  _, y = jax.lax.scan(chunk, _zero_state(x, A), xs)
   return scan_utils.from_chunks(y)[:, :length]
 
 
