@@ -1,0 +1,109 @@
+"""Small pieces shared by the Mamba mixers: PyTorch-like inits, projections,
+the causal depthwise conv, the gated RMSNorm and the step-size init.
+
+Every parameter carries logical axis names (`out_sharding` metadata, flax
+0.12's spelling) for later sharding rules. `eager_sharding=False` keeps them
+as names only: flax 0.12 otherwise shards a variable at creation and then
+demands a mesh, so a mixer could not be built on one CPU device. The trainer
+turns names into shardings (`nnx.get_partition_spec` + logical axis rules).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Logical axis names of the model's parameters. None marks a dimension that is
+# never sharded (the conv kernel's size-1 input-per-group axis; x_proj's
+# [dt_rank | B | C] output, a concatenation no single name describes).
+AXIS_NAMES = ("embed", "inner", "state", "heads", "dt_rank", "conv_kernel", "vocab")
+
+
+def named(init, names: tuple[str | None, ...]):
+  """`init` with logical axis names, metadata only (see module docstring)."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def torch_kernel_init():
+  """PyTorch's default Linear/Conv weight init: U(+-1/sqrt(fan_in)).
+
+  kaiming_uniform(a=sqrt(5)) has bound sqrt(6 / ((1 + 5) fan_in)), which is
+  variance scaling 1/3, fan_in, uniform. Conv kernels [K, 1, C] get fan_in = K,
+  as PyTorch's depthwise conv does.
+  """
+  return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def uniform_init(bound: float):
+  """U(-bound, bound): PyTorch's bias init with bound 1/sqrt(fan_in)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def linear(in_features: int, out_features: int, names: tuple, *, use_bias: bool, dtype,
+           rngs: nnx.Rngs, kernel_init=None, bias_init=None) -> nnx.Linear:
+  """nnx.Linear with float32 params, compute in `dtype`, PyTorch-default init.
+
+  Kernel [in, out] named `names`; bias [out] named `names[1:]`.
+  """
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=named(kernel_init or torch_kernel_init(), names),
+      bias_init=named(bias_init or uniform_init(in_features ** -0.5), names[1:]),
+      rngs=rngs)
+
+
+def causal_conv1d(channels: int, kernel_size: int, *, use_bias: bool, dtype,
+                  rngs: nnx.Rngs) -> nnx.Conv:
+  """Depthwise causal conv over time: [B, L, C] -> [B, L, C].
+
+  Left padding kernel_size - 1 makes output t see inputs t-K+1..t, like
+  mamba_ssm's Conv1d(padding=K-1) truncated to the first L outputs. Kernel
+  [K, 1, C] (PyTorch: [C, 1, K]).
+  """
+  return nnx.Conv(
+      channels, channels, kernel_size=(kernel_size,), feature_group_count=channels,
+      padding=((kernel_size - 1, 0),), use_bias=use_bias, dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=named(torch_kernel_init(), ("conv_kernel", None, "inner")),
+      bias_init=named(uniform_init(kernel_size ** -0.5), ("inner",)), rngs=rngs)
+
+
+def dt_bias_init(key, shape, dt_min: float, dt_max: float, dt_init_floor: float) -> jax.Array:
+  """mamba_ssm's step-size bias: inverse softplus of dt ~ logU(dt_min, dt_max).
+
+  dt is floored at dt_init_floor; softplus(bias) == dt at init.
+  """
+  u = jax.random.uniform(key, shape, jnp.float32)
+  dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+  dt = jnp.maximum(dt, dt_init_floor)
+  # inverse softplus: log(exp(dt) - 1) = dt + log(1 - exp(-dt)), stable for small dt
+  return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class GatedRMSNorm(nnx.Module):
+  """mamba_ssm RMSNormGated(norm_before_gate=False): norm(x * silu(z)) * weight.
+
+  The RMS is taken per group of `group_size` channels (Mamba-2: d_inner /
+  ngroups), statistics in float32 whatever the compute dtype.
+  """
+
+  def __init__(self, features: int, group_size: int, *, eps: float = 1e-5, dtype=jnp.float32):
+    if features % group_size:
+      raise ValueError(f"features={features} is not a multiple of group_size={group_size}")
+    self.group_size = group_size
+    self.eps = eps
+    self.dtype = dtype
+    self.weight = nnx.Param(jnp.ones((features,), jnp.float32), out_sharding=("inner",),
+                            eager_sharding=False)
+
+  def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
+    """x, z: [..., features] -> [..., features] in self.dtype."""
+    h = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    g = h.reshape(*h.shape[:-1], -1, self.group_size)
+    g = g * jax.lax.rsqrt(jnp.mean(jnp.square(g), axis=-1, keepdims=True) + self.eps)
+    return (g.reshape(h.shape) * self.weight[...]).astype(self.dtype)
