@@ -1,0 +1,112 @@
+"""GeneMamba: token embedding -> N BiMamba layers -> final RMSNorm -> LM head.
+
+The layers are created stacked (`nnx.vmap`, one leading "layers" axis on every
+parameter) and applied with `nnx.scan`, so compile time does not grow with
+depth; `config.remat` recomputes each layer in the backward pass. The residual
+stream is float32; mixers compute in `config.dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from genemamba_jax.model.bimamba import BiMambaLayer, Combine, reverse_valid_index
+from genemamba_jax.model.config import GeneMambaConfig
+from genemamba_jax.model.layers import named
+
+
+class GeneMambaOutput(NamedTuple):
+  hidden: jax.Array  # [B, L, d_model] float32, after the final norm
+  logits: jax.Array  # [B, L, vocab_size] float32
+
+
+class GeneMamba(nnx.Module):
+  """The GeneMamba model (paper section 3.2; original `MambaModel`).
+
+  Called as `model(tokens [B, L] int32, mask [B, L] bool)`; mask marks valid
+  tokens and must be right-padded (valid tokens first), as the data pipeline
+  makes it. `mask=None` means `tokens != config.pad_id`.
+  """
+
+  def __init__(self, config: GeneMambaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, vocab = config.d_model, config.vocab_size
+    self.embeddings = nnx.Embed(
+        vocab, d, rngs=rngs,
+        embedding_init=named(nnx.initializers.normal(0.02), ("vocab", "embed")))
+
+    @nnx.split_rngs(splits=config.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create_layers(rngs: nnx.Rngs) -> BiMambaLayer:
+      return BiMambaLayer(config, rngs=rngs)
+
+    self.layers = create_layers(rngs)
+    weighted = config.combine in ("concat", "gate")
+    self.aggr = Combine(config, rngs=rngs) if weighted and config.shared_combine else None
+    self.norm_f = nnx.RMSNorm(
+        d, epsilon=config.norm_eps, rngs=rngs,
+        scale_init=named(nnx.initializers.ones_init(), ("embed",)))
+    if config.tie_embeddings:
+      self.lm_head = None
+      self.lm_head_bias = (nnx.Param(jnp.zeros((vocab,)), out_sharding=("vocab",),
+                                       eager_sharding=False)
+                           if config.lm_head_bias else None)
+    else:
+      self.lm_head = nnx.Linear(
+          d, vocab, use_bias=config.lm_head_bias, dtype=jnp.dtype(config.dtype), rngs=rngs,
+          kernel_init=named(nnx.initializers.lecun_normal(), ("embed", "vocab")),
+          bias_init=named(nnx.initializers.zeros_init(), ("vocab",)))
+
+  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> GeneMambaOutput:
+    hidden = self.encode(tokens, mask)
+    return GeneMambaOutput(hidden, self.logits(hidden))
+
+  def encode(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """tokens [B, L] -> final hidden states [B, L, d_model] (float32)."""
+    if mask is None:
+      mask = tokens != self.config.pad_id
+    reverse_index = reverse_valid_index(mask)
+    x = self.embeddings(tokens).astype(jnp.float32)
+
+    def apply(layer: BiMambaLayer, x, reverse_index, aggr):
+      return layer(x, reverse_index, aggr)
+
+    if self.config.remat:
+      apply = nnx.remat(apply)
+
+    @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry)
+    def run_layers(layer, x, reverse_index, aggr):
+      return apply(layer, x, reverse_index, aggr)
+
+    x = run_layers(self.layers, x, reverse_index, self.aggr)
+    return self.norm_f(x).astype(jnp.float32)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [B, L, d] -> logits [B, L, vocab] (float32)."""
+    dtype = jnp.dtype(self.config.dtype)
+    if self.lm_head is not None:
+      return self.lm_head(hidden.astype(dtype)).astype(jnp.float32)
+    table = self.embeddings.embedding[...].astype(dtype)
+    logits = jnp.einsum("bld,vd->blv", hidden.astype(dtype), table).astype(jnp.float32)
+    return logits + self.lm_head_bias[...] if self.lm_head_bias is not None else logits
+
+
+def cell_embedding(hidden: jax.Array, mask: jax.Array, pooling: str = "cls") -> jax.Array:
+  """[B, L, d] -> [B, d]: the state at position 0 (`cls`) or the masked mean (`mean`)."""
+  if pooling == "cls":
+    return hidden[:, 0]
+  if pooling == "mean":
+    weights = mask.astype(hidden.dtype)[..., None]
+    return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+  raise ValueError(f"pooling={pooling!r}; use 'cls' or 'mean'")
+
+
+def count_params(config: GeneMambaConfig) -> int:
+  """Number of parameters of `GeneMamba(config)`, from shapes only (nothing allocated)."""
+  abstract = nnx.eval_shape(lambda: GeneMamba(config, rngs=nnx.Rngs(0)))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
