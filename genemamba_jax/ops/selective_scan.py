@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from genemamba_jax.ops import scan_utils
 
 
-def _inputs(dt, A, x, B):
+def _inputs(x, dt, A, B):
   """Per-step decay exp(dt * A) and input dt * x * B, both [batch, T, d, N]."""
   decay = jnp.exp(dt[..., None] * A)
   inp = (dt * x)[..., None] * B[:, :, None, :]
@@ -58,7 +58,7 @@ def _scan_steps(h0, x, dt, A, B, C):
 
 def _associative_steps(h0, x, dt, A, B, C):
   """Same contract as `_scan_steps`, by an associative scan over the T axis."""
-  decay, inp = _inputs(dt, A, x, B)  # [b, T, d, N]
+  decay, inp = _inputs(x, dt, A, B)  # [b, T, d, N]
   decay_cum, h_local = jax.lax.associative_scan(
       scan_utils.linear_combine, (decay, inp), axis=1)
   h = decay_cum * h0[:, None] + h_local
@@ -77,7 +77,7 @@ def _sequential(x, dt, A, B, C, chunk_size):
 
 def _associative(x, dt, A, B, C, chunk_size):
   del chunk_size
-  decay, inp = _inputs(dt, A, x, B)
+  decay, inp = _inputs(x, dt, A, B)
   _, h = jax.lax.associative_scan(scan_utils.linear_combine, (decay, inp), axis=1)
   return jnp.einsum("bldn,bln->bld", h, C)
 
