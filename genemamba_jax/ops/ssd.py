@@ -17,6 +17,10 @@ Backends, all with a float32 state:
                state, `jax.checkpoint` per chunk keeps only boundary states
                [L / chunk, b, H, P, N] and O(b*L*H*P) activations for the
                backward.
+
+The chunked einsums use JAX's default matmul precision: exact float32 on CPU
+(the tests), TF32 on recent GPUs unless run under
+`jax.default_matmul_precision("highest")`.
 """
 
 from __future__ import annotations
