@@ -46,7 +46,8 @@ class GeneMambaConfig:
   lm_head_bias: bool = True
   pad_id: int = 0
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
-  scan_backend: Literal["sequential", "associative", "chunked"] = "associative"
+  # chunked: fastest and smallest on CPU for training (bench/RESULTS.md); see README.
+  scan_backend: Literal["sequential", "associative", "chunked"] = "chunked"
   scan_chunk_size: int = 64  # for the chunked backend
   remat: bool = False  # recompute each layer's activations in the backward pass
 
