@@ -85,7 +85,8 @@ class BiMambaLayer(nnx.Module):
     mixer_cls = Mamba1Mixer if config.mixer == "mamba1" else Mamba2Mixer
     self.mixer = mixer_cls(config, rngs=rngs)
     shared = config.shared_combine and config.combine in ("concat", "gate")
-    self.combine = None if shared else Combine(config, rngs=rngs)
+    own = config.streams == "mixed" and not shared
+    self.combine = Combine(config, rngs=rngs) if own else None
     self.dtype = jnp.dtype(config.dtype)
 
   def __call__(self, x: jax.Array, reverse_index: jax.Array,
@@ -99,3 +100,18 @@ class BiMambaLayer(nnx.Module):
     backward = take_positions(backward, reverse_index)
     combine = self.combine if self.combine is not None else shared_combine
     return x + combine(forward, backward)
+
+  def streams(self, forward: jax.Array, backward: jax.Array,
+              reverse_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Separate streams: each [B, L, d] float32 gets its own residual update.
+
+    `backward` is kept in sequence order; its mixer reads it reversed, so state
+    at t has seen positions t..n-1 only, and `forward` state at t positions 0..t.
+    """
+    hf, hb = forward, backward
+    if self.norm is not None:
+      hf, hb = self.norm(hf), self.norm(hb)
+    both = self.mixer(jnp.concatenate([hf.astype(self.dtype),
+                                       take_positions(hb.astype(self.dtype), reverse_index)], axis=0))
+    f, b = jnp.split(both.astype(jnp.float32), 2, axis=0)
+    return forward + f, backward + take_positions(b, reverse_index)

@@ -41,6 +41,11 @@ class GeneMambaConfig:
   # Bidirectional combination of the forward and reverse streams of a layer.
   combine: Literal["mean", "sum", "concat", "gate"] = "mean"
   shared_combine: bool = False  # one concat/gate Linear for all layers (original code)
+  # "mixed": the streams are combined in every layer (paper, original code).
+  # "separate": forward and reverse streams run apart through all layers (shared
+  # weights) and are combined only at the top, which makes a leak-free
+  # bidirectional next-gene objective possible (see genemamba_jax.train.objectives).
+  streams: Literal["mixed", "separate"] = "mixed"
   prenorm: bool = False  # RMSNorm before each layer's mixer (the original has none)
   tie_embeddings: bool = False  # original: untied LM head with bias
   lm_head_bias: bool = True
@@ -60,6 +65,8 @@ class GeneMambaConfig:
       fail(f"combine={self.combine!r}; use one of {COMBINES}")
     if self.scan_backend not in SCAN_BACKENDS:
       fail(f"scan_backend={self.scan_backend!r}; use one of {SCAN_BACKENDS}")
+    if self.streams not in ("mixed", "separate"):
+      fail(f"streams={self.streams!r}; use 'mixed' or 'separate'")
     if self.dtype not in DTYPES:
       fail(f"dtype={self.dtype!r}; use one of {DTYPES}")
     for name in ("vocab_size", "d_model", "n_layers", "d_conv", "expand", "headdim", "ngroups",

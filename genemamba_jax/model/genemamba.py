@@ -46,8 +46,11 @@ class GeneMamba(nnx.Module):
       return BiMambaLayer(config, rngs=rngs)
 
     self.layers = create_layers(rngs)
+    # The model-level combination: shared by all layers (original code), or, with
+    # separate streams, the one place where the two streams meet.
     weighted = config.combine in ("concat", "gate")
-    self.aggr = Combine(config, rngs=rngs) if weighted and config.shared_combine else None
+    top = config.streams == "separate" or (weighted and config.shared_combine)
+    self.aggr = Combine(config, rngs=rngs) if top else None
     self.norm_f = nnx.RMSNorm(
         d, epsilon=config.norm_eps, rngs=rngs,
         scale_init=named(nnx.initializers.ones_init(), ("embed",)))
@@ -67,9 +70,16 @@ class GeneMamba(nnx.Module):
     return GeneMambaOutput(hidden, self.logits(hidden))
 
   def encode(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """tokens [B, L] -> final hidden states [B, L, d_model] (float32)."""
-    if mask is None:
-      mask = tokens != self.config.pad_id
+    """tokens [B, L] -> final hidden states [B, L, d_model] (float32).
+
+    With separate streams, position t combines the forward state at t (tokens
+    0..t) and the reverse state at t (tokens t..n-1): both streams, for cell
+    and gene embeddings; next-gene prediction uses `next_gene_hidden` instead.
+    """
+    if self.config.streams == "separate":
+      forward, backward = self.encode_streams(tokens, mask)
+      return self.norm_f(self.aggr(forward, backward)).astype(jnp.float32)
+    mask = self._mask(tokens, mask)
     reverse_index = reverse_valid_index(mask)
     x = self.embeddings(tokens).astype(jnp.float32)
 
@@ -85,6 +95,47 @@ class GeneMamba(nnx.Module):
 
     x = run_layers(self.layers, x, reverse_index, self.aggr)
     return self.norm_f(x).astype(jnp.float32)
+
+  def encode_streams(self, tokens: jax.Array, mask: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Separate streams only: (forward, reverse) states [B, L, d], before the final norm.
+
+    forward[t] depends on tokens 0..t, reverse[t] on tokens t..n-1 of the row.
+    """
+    if self.config.streams != "separate":
+      raise ValueError("encode_streams needs GeneMambaConfig(streams='separate')")
+    mask = self._mask(tokens, mask)
+    reverse_index = reverse_valid_index(mask)
+    x = self.embeddings(tokens).astype(jnp.float32)
+
+    def apply(layer: BiMambaLayer, carry, reverse_index):
+      return layer.streams(*carry, reverse_index)
+
+    if self.config.remat:
+      apply = nnx.remat(apply)
+
+    @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
+    def run_layers(layer, carry, reverse_index):
+      return apply(layer, carry, reverse_index)
+
+    return run_layers(self.layers, (x, x), reverse_index)
+
+  def next_gene_hidden(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Separate streams only: [B, L, d] states that predict the token AT each position.
+
+    Position t combines forward[t - 1] and reverse[t + 1] (zeros beyond the
+    row's valid tokens), so nothing at t itself is seen: leak-free.
+    """
+    mask = self._mask(tokens, mask)
+    forward, backward = self.encode_streams(tokens, mask)
+    previous = jnp.pad(forward, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+    following = jnp.pad(backward, ((0, 0), (0, 1), (0, 0)))[:, 1:]
+    next_valid = jnp.pad(mask, ((0, 0), (0, 1)))[:, 1:]
+    following = jnp.where(next_valid[..., None], following, 0.0)
+    return self.norm_f(self.aggr(previous, following)).astype(jnp.float32)
+
+  def _mask(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return tokens != self.config.pad_id if mask is None else mask.astype(bool)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, L, d] -> logits [B, L, vocab] (float32)."""
