@@ -242,3 +242,22 @@ def test_unknown_label_is_a_data_error(tmp_path):
   config = _config(batch_size=6, num_epochs=1)
   with pytest.raises(DataError, match="'T cell', which is not in .*'labels'"):
     next(iter(pipeline.make_dataset(tmp_path, config)))
+
+
+def test_eval_split_is_held_out_and_fixed(dataset):
+  """Train and eval never share a cell, whatever the training seed."""
+  data_dir, _ = dataset
+  seen = {}
+  for split in ("train", "eval"):
+    for seed in (0, 7):
+      config = _config(batch_size=1, seed=seed, num_epochs=1, drop_remainder=False,
+                       eval_fraction=0.2, split=split)
+      ids = [i for b in pipeline.make_dataset(data_dir, config) for i in _ids(b)]
+      assert len(ids) == len(set(ids))
+      seen.setdefault(split, set(ids))
+      assert set(ids) == seen[split]
+  assert len(seen["eval"]) == round(NUM_CELLS * 0.2)
+  assert seen["eval"] | seen["train"] == set(range(NUM_CELLS))
+  assert not seen["eval"] & seen["train"]
+  with pytest.raises(DataError, match="eval_fraction"):
+    pipeline.make_dataset(data_dir, _config(eval_fraction=1.5))

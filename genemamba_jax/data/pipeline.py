@@ -64,6 +64,10 @@ class PipelineConfig:
     worker_count: worker processes for prefetching; 0 = in this process.
     shard_index: this process's shard; defaults to jax.process_index().
     shard_count: number of shards; defaults to jax.process_count().
+    eval_fraction: fraction of the cells held out for evaluation, chosen at
+      random once (with a fixed seed, whatever `seed` is) so train and eval
+      never share a cell and every run holds out the same cells.
+    split: "train" reads the other cells, "eval" the held-out ones.
   """
   batch_size: int
   seq_len: int
@@ -74,6 +78,27 @@ class PipelineConfig:
   worker_count: int = 0
   shard_index: int | None = None
   shard_count: int | None = None
+  eval_fraction: float = 0.0
+  split: str = "train"
+
+# The held-out split does not move with the training seed.
+_SPLIT_SEED = 20_240_101
+
+
+def _split(total: int, config: "PipelineConfig") -> slice:
+  """The slice of the split-shuffled cells that `config.split` reads."""
+  if not 0.0 <= config.eval_fraction < 1.0:
+    raise DataError(f"PipelineConfig.eval_fraction={config.eval_fraction} must be in [0, 1).")
+  if config.split not in ("train", "eval"):
+    raise DataError(f"PipelineConfig.split={config.split!r}; use 'train' or 'eval'.")
+  n_eval = int(round(total * config.eval_fraction))
+  if config.eval_fraction > 0 and n_eval == 0:
+    n_eval = 1
+  if config.split == "eval":
+    if n_eval == 0:
+      raise DataError("PipelineConfig.split='eval' needs eval_fraction > 0.")
+    return slice(total - n_eval, total)
+  return slice(0, total - n_eval)
 
 
 class _ToExample:
@@ -176,7 +201,8 @@ def _plan(data_dir: str | os.PathLike, config: PipelineConfig
   if index >= count:
     raise DataError(f"PipelineConfig.shard_index={index} must be < "
                     f"shard_count={count}.")
-  total = int(manifest["num_cells"])
+  split = _split(int(manifest["num_cells"]), config)
+  total = split.stop - split.start
   if config.drop_remainder:
     # Equal shards: every host runs the same number of steps per epoch. The
     # `total % count` cells left out are random ones, different every epoch.
@@ -243,6 +269,9 @@ def make_dataset(data_dir: str | os.PathLike, config: PipelineConfig):
         f"manifest says num_cells={manifest['num_cells']}; re-run the "
         "tokenizer.")
   ds = grain.MapDataset.source(source)
+  split = _split(len(source), config)
+  if split != slice(0, len(source)):
+    ds = ds.shuffle(seed=_SPLIT_SEED)[split]
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
   ds = ds[sl]
