@@ -1,0 +1,31 @@
+"""The embedded demo: a small GeneMamba on scanpy's bundled pbmc68k_reduced, on CPU.
+
+    python -m genemamba_jax.train --config configs/demo.py --workdir runs/demo
+
+Prepares the data once (700 real PBMCs: exact counts -> medians -> rank tokens,
+cached under ~/.cache/genemamba_jax or $GENEMAMBA_CACHE) and trains a 2-layer
+Mamba-2 BiMamba model with the leak-free next-gene objective for a few
+minutes; the loss falls visibly.
+"""
+
+from genemamba_jax.train.config import default_config
+
+
+def get_config(arg=None):
+  del arg
+  config = default_config()
+  config.data.demo = True
+  config.data.max_len = 256  # pbmc68k cells express 180-440 of its 765 genes
+  config.data.eval_fraction = 0.1
+  config.batch_size = 16
+  config.num_steps = 300
+  config.model.d_model = 64
+  config.model.n_layers = 2
+  config.model.d_state = 16
+  config.model.headdim = 32
+  config.optimizer.lr = 3e-3
+  config.optimizer.warmup_steps = 30
+  config.log_every = 10
+  config.eval_every = 100
+  config.checkpoint_every = 100
+  return config

@@ -1,0 +1,92 @@
+"""The training configuration: every key, its default and its checks.
+
+Config files in `configs/` start from `default_config()` and change what they
+need; the command line overrides any key (`--config.batch_size=64`). Keys under
+`model` are `GeneMambaConfig` fields; `model.vocab_size = 0` takes the
+tokenized corpus's vocabulary size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from genemamba_jax.model import GeneMambaConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      path="",  # a tokenized directory (prepare tokenize)
+      demo=False,  # use the embedded demo data instead of `path`
+      max_len=2048,  # L: crop / pad every cell to this many tokens
+      eval_fraction=0.01,  # cells held out for the evaluation loss
+      worker_count=0,  # Grain worker processes
+  ))
+  c.batch_size = 32  # global, over all processes and devices
+  c.num_steps = 10_000
+  c.steps_per_run = 0  # > 0: stop (with a checkpoint) after this many steps; re-run to go on
+  c.objective = "next_gene"  # next_gene (leak-free) | next_gene_faithful | mlm
+  c.mlm_probability = 0.15
+  c.pathway = ml_collections.ConfigDict(dict(
+      gmt=[],  # GMT files; empty = no pathway loss
+      gene_map="",  # symbol -> vocabulary id table (pkl or TSV) when the vocab is not symbols
+      gamma=0.1, tau=0.07, genes_per_cell=64,
+  ))
+  defaults = GeneMambaConfig()
+  model = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(GeneMambaConfig)}
+  model["vocab_size"] = 0
+  model["d_state"] = 64
+  model["dt_rank"] = 0  # 0 = ceil(d_model / 16)
+  model["A_init_range"] = list(defaults.A_init_range)
+  del model["streams"]  # set by the objective
+  c.model = ml_collections.ConfigDict(model)
+  from genemamba_jax.train import optimizer  # pylint: disable=g-import-not-at-top
+  c.optimizer = optimizer.default_optimizer_config()
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  c.log_every = 50
+  c.eval_every = 1000
+  c.eval_batches = 10
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.profile_steps = ()  # (first, last) step of a jax.profiler trace, e.g. (10, 15)
+  c.lock()  # a misspelt key in a config file fails instead of adding a new one
+  return c
+
+
+def model_config(c: ml_collections.ConfigDict, vocab_size: int, streams: str) -> GeneMambaConfig:
+  """The GeneMambaConfig of a training config; ValueError names a bad key."""
+  fields = dict(c.model)
+  fields["vocab_size"] = fields["vocab_size"] or vocab_size
+  fields["dt_rank"] = fields["dt_rank"] or None
+  fields["A_init_range"] = tuple(fields["A_init_range"])
+  known = {f.name for f in dataclasses.fields(GeneMambaConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"unknown model keys: {', '.join('model.' + k for k in unknown)}")
+  return GeneMambaConfig(**fields, streams=streams)
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+  """Impossible combinations, found before anything compiles."""
+  from genemamba_jax.train import objectives  # pylint: disable=g-import-not-at-top
+  if c.objective not in objectives.OBJECTIVES:
+    raise ValueError(f"objective={c.objective!r}; use one of {', '.join(objectives.OBJECTIVES)}")
+  if not c.data.demo and not c.data.path:
+    raise ValueError("set data.path to a tokenized directory (prepare tokenize), or data.demo=True")
+  for key in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
+    if c[key] < 1:
+      raise ValueError(f"{key}={c[key]} must be >= 1")
+  if c.batch_size % max(1, _process_count()):
+    raise ValueError(f"batch_size={c.batch_size} is not divisible by the {_process_count()} processes")
+  if c.pathway.gmt and not 0 < c.pathway.tau:
+    raise ValueError(f"pathway.tau={c.pathway.tau} must be > 0")
+  if len(c.profile_steps) not in (0, 2):
+    raise ValueError("profile_steps is () or (first, last)")
+
+
+def _process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()

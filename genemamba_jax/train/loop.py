@@ -1,0 +1,195 @@
+"""train_and_evaluate: one linear pretraining run, in named sections.
+
+mesh -> data -> model -> optimizer -> shard -> checkpoint (resume) -> steps ->
+loop (log, eval, checkpoint, preemption) -> final checkpoint. Re-running the same
+command on the same workdir resumes from the latest checkpoint exactly: the
+parameters, optimizer state, step, RNG and the data iterator are restored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from genemamba_jax.data import genes
+from genemamba_jax.data import records
+from genemamba_jax.data.pipeline import PipelineConfig, make_dataset
+from genemamba_jax.model import GeneMamba
+from genemamba_jax.train import checkpoint as checkpoint_lib
+from genemamba_jax.train import config as config_lib
+from genemamba_jax.train import metrics as metrics_lib
+from genemamba_jax.train import objectives
+from genemamba_jax.train import optimizer as optimizer_lib
+from genemamba_jax.train import pathway as pathway_lib
+from genemamba_jax.train import sharding
+from genemamba_jax.train import step as step_lib
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+def demo_data_path() -> str:
+  from genemamba_jax.data import demo  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("GENEMAMBA_CACHE", os.path.expanduser("~/.cache/genemamba_jax"))
+  return str(demo.prepare_demo(os.path.join(cache, "demo_data"))["tokens"])
+
+
+def _pipeline(path: str, c, split: str, per_process: int) -> PipelineConfig:
+  return PipelineConfig(batch_size=per_process, seq_len=c.data.max_len, seed=c.seed,
+                        eval_fraction=c.data.eval_fraction, split=split,
+                        worker_count=c.data.worker_count if split == "train" else 0)
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pretrains as `c` says, writing checkpoints and metrics to `workdir`; returns the last metrics."""
+  # --- config and mesh
+  config_lib.check(c)
+  sharding.maybe_initialize_distributed(c.mesh)
+  mesh = sharding.make_mesh(c.mesh)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(c.to_json_best_effort(indent=1))
+
+  # --- data
+  path = demo_data_path() if c.data.demo else c.data.path
+  manifest = records.load_manifest(path)
+  per_process = c.batch_size // jax.process_count()
+  train_ds = make_dataset(path, _pipeline(path, c, "train", per_process))
+  train_it = iter(train_ds)
+
+  # --- model, objective, optimizer
+  streams = objectives.model_streams_for(c.objective)
+  model_config = config_lib.model_config(c, len(manifest["vocab"]), streams)
+  special = manifest.get("special_ids", {})
+  objective = objectives.ObjectiveConfig(
+      name=c.objective, pad_id=special.get("pad", 0), mask_id=special.get("mask", 1),
+      special_ids=tuple(special[k] for k in ("cls", "eos") if special.get(k) is not None),
+      mlm_probability=c.mlm_probability)
+  pathway = None
+  if c.pathway.gmt:
+    gene_map = genes.load_gene_map(c.pathway.gene_map) if c.pathway.gene_map else None
+    membership, _ = pathway_lib.load_gene_sets(list(c.pathway.gmt), manifest["vocab"], gene_map)
+    pathway = pathway_lib.PathwayLoss(jnp.asarray(membership), gamma=c.pathway.gamma,
+                                      tau=c.pathway.tau, genes_per_cell=c.pathway.genes_per_cell)
+  tx = optimizer_lib.make_optimizer(c.optimizer, c.num_steps)
+  schedule = optimizer_lib.make_schedule(c.optimizer.lr, c.optimizer.warmup_steps, c.num_steps,
+                                         c.optimizer.end_lr_fraction)
+
+  # --- sharded state: built directly in its shardings, never whole on one host
+  abstract_model = nnx.eval_shape(lambda: GeneMamba(model_config, rngs=nnx.Rngs(c.seed)))
+  graphdef, _ = nnx.split(abstract_model, nnx.Param)
+  abstract_state = jax.eval_shape(
+      lambda: step_lib.init_state(GeneMamba(model_config, rngs=nnx.Rngs(c.seed)), tx, c.seed))
+  state_sharding = sharding.state_shardings(abstract_state, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  state = jax.jit(lambda: step_lib.init_state(GeneMamba(model_config, rngs=nnx.Rngs(c.seed)),
+                                              tx, c.seed), out_shardings=state_sharding)()
+
+  # --- checkpoint: resume when there is one
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=c.keep_checkpoints, save_every=c.checkpoint_every)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, sharding.with_shardings(abstract_state, state_sharding), train_it)
+    print(f"resumed from step {start} in {workdir}")
+
+  # --- steps
+  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, objective, pathway),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, objective, pathway),
+                      in_shardings=(state_sharding["params"], batch_sharding, None))
+  params_per_token = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+  peak = metrics_lib.peak_flops_per_device()
+
+  # --- preemption: SIGTERM saves a checkpoint and ends the run cleanly
+  stop = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+  writer = metrics_lib.MetricsWriter(workdir, c.num_steps, start)
+  pending, last = [], {}
+  try:
+    for step in range(start, c.num_steps):
+      if c.profile_steps and step == c.profile_steps[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+      batch = _to_global(next(train_it), batch_sharding)
+      state, metrics = train_step(state, batch)
+      pending.append((step + 1, metrics))
+      if c.profile_steps and step == c.profile_steps[1]:
+        jax.profiler.stop_trace()
+      done = step + 1
+      if done % c.log_every == 0 or done == c.num_steps or stop["signal"]:
+        last = _log(pending, writer, params_per_token, peak)
+        pending = []
+      if done % c.eval_every == 0 or done == c.num_steps:
+        last["eval_loss"] = evaluate(eval_step, state["params"], path, c, per_process,
+                                     batch_sharding)
+        writer.write(done, {"eval_loss": last["eval_loss"]})
+      pause = c.steps_per_run and done - start >= c.steps_per_run
+      ckpt.save(done, state, train_it, force=done == c.num_steps or bool(stop["signal"]) or pause)
+      if pause:
+        break
+      if stop["signal"]:
+        print(f"SIGTERM: saved a checkpoint at step {done} in {workdir}; re-run to resume")
+        break
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if hasattr(train_it, "close"):
+      train_it.close()
+  return last
+
+
+def _to_global(batch: dict, batch_sharding) -> dict:
+  """This process's batch rows -> global arrays laid out over the mesh."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def _log(pending: list, writer: metrics_lib.MetricsWriter, params: int, peak) -> dict:
+  """Fetches the metrics of the steps since the last log; stops on a non-finite loss."""
+  fetched = [(s, jax.device_get(m)) for s, m in pending]
+  for s, m in fetched:
+    if not np.isfinite(m["loss"]):
+      raise TrainingError(f"the loss is {float(m['loss'])} at step {s}; lower optimizer.lr or "
+                          "check the data (the last checkpoint is before it)")
+  step, latest = fetched[-1]
+  tokens = float(sum(m["tokens"] for _, m in fetched))
+  scalars = {k: float(v) for k, v in latest.items() if k != "tokens"}
+  scalars.update(writer.rates(step, tokens))
+  if peak is not None:  # 6 N FLOPs per token (forward + backward), per device
+    scalars["mfu"] = 6 * params * scalars["tokens_per_s"] / (peak * jax.device_count())
+  writer.write(step, scalars)
+  writer.progress(loss=scalars["loss"], tok_s=scalars["tokens_per_s"])
+  return scalars
+
+
+def evaluate(eval_step, params, path: str, c, per_process: int, batch_sharding) -> float:
+  """Mean loss over the first `c.eval_batches` batches of the held-out split."""
+  if not c.data.eval_fraction:
+    warnings.warn("data.eval_fraction is 0: no held-out split, no eval loss")
+    return float("nan")
+  config = _pipeline(path, c, "eval", per_process)
+  config.shuffle, config.num_epochs, config.drop_remainder = False, 1, False
+  losses = []
+  rng = jax.random.key(c.seed + 1)
+  for i, batch in enumerate(make_dataset(path, config)):
+    if i == c.eval_batches:
+      break
+    if len(batch["tokens"]) != per_process:  # keep one compiled shape
+      continue
+    metrics = eval_step(params, _to_global(batch, batch_sharding), jax.random.fold_in(rng, i))
+    losses.append(float(metrics["loss"]))
+  return float(np.mean(losses)) if losses else float("nan")
