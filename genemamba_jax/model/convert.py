@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from genemamba_jax.model.layers import CausalConv1d
+
 
 def _torch_params(mixer: nnx.Module) -> Iterator[tuple[str, nnx.Param, object, object]]:
   """(torch key, Param, to_torch, from_torch) for every parameter of `mixer`.
@@ -32,7 +34,7 @@ def _torch_params(mixer: nnx.Module) -> Iterator[tuple[str, nnx.Param, object, o
     to_t = from_t = ident
     if name == "kernel" and isinstance(parent, nnx.Linear):
       name, to_t, from_t = "weight", np.transpose, np.transpose
-    elif name == "kernel" and isinstance(parent, nnx.Conv):
+    elif name == "kernel" and isinstance(parent, (nnx.Conv, CausalConv1d)):
       # [K, 1, C] <-> [C, 1, K]: reversing the axes is its own inverse.
       to_t = from_t = lambda a: np.transpose(a, (2, 1, 0))
       name = "weight"
