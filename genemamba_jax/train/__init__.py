@@ -1,0 +1,1 @@
+"""Training: objectives, pathway loss, optimizer, sharding, checkpoints and the loop."""
