@@ -8,6 +8,7 @@ import os
 import sys
 
 from absl import app
+from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
@@ -17,6 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and 
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from genemamba_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
@@ -31,7 +33,8 @@ def main(argv):
         f"{last.get('eval_loss', float('nan')):.4f}")
   print(f"checkpoints: {workdir}/checkpoints   metrics: {workdir}/metrics.jsonl   "
         f"TensorBoard: tensorboard --logdir {workdir}/tensorboard")
-  print("next: fine-tune or embed from this checkpoint (see the README)")
+  print(f"next: re-run with a larger --config.num_steps to train on from the last checkpoint; "
+        f"the parameters are in {workdir}/checkpoints/<step>/state")
 
 
 if __name__ == "__main__":
