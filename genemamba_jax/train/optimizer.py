@@ -1,0 +1,128 @@
+"""AdamW with warmup + cosine decay, global-norm clipping and gradient accumulation.
+
+The recipe is the GPT-3 one that Mamba was trained with (Gu & Dao 2023, E.2):
+AdamW b = (0.9, 0.95), weight decay 0.1, gradient clipping 1.0, linear warmup
+then cosine decay. The peak learning rate defaults to 6e-4, GPT-3's value for
+its 125M model, the size class of GeneMamba (66M).
+
+Weight decay follows HF Trainer (no decay on biases and norm weights) plus
+mamba_ssm's `_no_weight_decay` parameters (A_log, D, dt_bias); embeddings and
+every other kernel are decayed, as in HF, GPT-2/3 and mamba_ssm's own training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+# mamba_ssm marks these `_no_weight_decay`: decaying A_log pulls every decay
+# rate towards exp(0) = 1 and D towards 0, which are not "small weights".
+_SSM_NO_DECAY = frozenset({"A_log", "D", "dt_bias"})
+# Norm parameters: nnx.RMSNorm `scale`; GatedRMSNorm `weight` lives in `norm`.
+_NORM_LEAVES = frozenset({"scale"})
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+  """The optimizer settings `make_optimizer` reads, with their defaults.
+
+  warmup_steps is used as given unless it is >= the run's num_steps (a run too
+  short for the default warmup, e.g. a smoke test); then num_steps // 10 is
+  used instead (`effective_warmup_steps`).
+  """
+  return ml_collections.ConfigDict(dict(
+      lr=6e-4,  # peak; GPT-3 125M (the Mamba paper's "GPT-3 spec")
+      warmup_steps=1000,
+      end_lr_fraction=0.1,  # cosine decays to 10% of the peak, as GPT-3
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,  # <= 0 disables clipping
+      accumulate_steps=1,  # micro-batches per optimizer update
+  ))
+
+
+def effective_warmup_steps(warmup_steps: int, num_steps: int) -> int:
+  """warmup_steps, or num_steps // 10 when the run is not longer than the warmup.
+
+  A warmup as long as the run would never reach the peak (a smoke test with
+  the default 1000 warmup steps); a warmup shorter than the run is kept as given.
+  """
+  return warmup_steps if warmup_steps < num_steps else num_steps // 10
+
+
+def make_schedule(lr: float, warmup_steps: int, num_steps: int,
+                  end_lr_fraction: float = 0.0) -> optax.Schedule:
+  """Learning rate per optimizer update: 0 -> lr linearly over the warmup, then
+  cosine from lr to lr * end_lr_fraction at num_steps (held after that).
+
+  The warmup is `effective_warmup_steps(warmup_steps, num_steps)`.
+  """
+  if lr <= 0:
+    raise ValueError(f"lr={lr} must be > 0")
+  if num_steps < 1 or warmup_steps < 0:
+    raise ValueError(f"need num_steps >= 1 and warmup_steps >= 0, got num_steps={num_steps}, "
+                     f"warmup_steps={warmup_steps}")
+  if not 0.0 <= end_lr_fraction <= 1.0:
+    raise ValueError(f"end_lr_fraction={end_lr_fraction} must be in [0, 1]")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=effective_warmup_steps(warmup_steps, num_steps),
+      decay_steps=num_steps, end_value=lr * end_lr_fraction)
+
+
+def _names(path) -> tuple[str, ...]:
+  """Key names of a pytree path. Drops nnx.Variable's trailing `.value`
+  (a GetAttrKey), so nnx.State and its pure-dict form give the same names."""
+  out = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      out.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      out.append(str(key.idx))
+  return tuple(out)
+
+
+def decays(names: tuple[str, ...]) -> bool:
+  """Whether the parameter at this path (module names, then parameter name) gets weight decay."""
+  leaf = names[-1]
+  if leaf in _SSM_NO_DECAY:
+    return False
+  if leaf == "bias" or leaf.endswith("_bias"):  # every bias, dt_proj's included
+    return False
+  if leaf in _NORM_LEAVES or any(name.startswith("norm") for name in names[:-1]):
+    return False
+  return True
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """Pytree like `params` (e.g. the nnx.State of nnx.Param) of bool: True = decay."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: decays(_names(path)), params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int
+                   ) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW(warmup + cosine, masked decay), accumulated.
+
+  Args:
+    cfg: see `default_optimizer_config`.
+    num_steps: optimizer updates of the run, which the schedule spans. With
+      accumulate_steps = k > 1 it is wrapped in `optax.MultiSteps`: call
+      `update` once per micro-batch; every k-th call applies the mean of the
+      k gradients (clipped as a whole) and advances the schedule by one, so
+      the run takes k * num_steps micro-batches.
+  """
+  schedule = make_schedule(cfg.lr, int(cfg.warmup_steps), num_steps, cfg.end_lr_fraction)
+  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+  # Clipping inside MultiSteps sees the accumulated gradient, like PyTorch
+  # clipping after the last backward of an accumulation.
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+  k = int(cfg.accumulate_steps)
+  if k < 1:
+    raise ValueError(f"accumulate_steps={k} must be >= 1")
+  if k == 1:
+    return tx
+  return optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
