@@ -131,3 +131,16 @@ def test_bad_configs_fail_before_compiling(tmp_path):
       48, 768, 4096, "mamba1", 16)
   with pytest.raises(ValueError, match="unknown argument 'depth'"):
     pretrain_config.get_config("depth=3")
+
+
+def test_pathway_loss_in_training(tmp_path, shared_data):
+  """The demo vocabulary is gene symbols, so Hallmark sets map onto it directly."""
+  gmt = str(shared_data / "genesets" / "h.all.v7.0.symbols.gmt")
+  last = loop.train_and_evaluate(
+      _config(num_steps=2, eval_every=2, checkpoint_every=2,
+              **{"pathway.gmt": [gmt], "objective": "mlm"}), str(tmp_path / "run"))
+  records = _metrics(str(tmp_path / "run"))
+  losses = [r for r in records if "loss/pathway" in r]
+  assert len(losses) == 2 and all(np.isfinite(r["loss/pathway"]) for r in losses)
+  assert all(abs(r["loss"] - r["loss/mlm"] - 0.1 * r["loss/pathway"]) < 1e-4 for r in losses)
+  assert np.isfinite(last["eval_loss"])

@@ -66,7 +66,11 @@ class CausalConv1d(nnx.Module):
 
   Computed as K shifted multiply-adds rather than a grouped convolution:
   XLA fuses them into one pass, where its CPU grouped convolution (and its
-  gradient) ran ~30x slower at these sizes.
+  gradient) ran ~25x slower at these sizes; and under some meshes (batch split
+  over part of the mesh, channels not split) XLA returned the grouped conv's
+  kernel gradient multiplied by a mesh-axis size (seen with jax 0.10.2). Do
+  not switch back to `feature_group_count` without re-running
+  tests/test_sharding.py.
   """
 
   def __init__(self, channels: int, kernel_size: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):

@@ -45,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(model)
   from genemamba_jax.train import optimizer  # pylint: disable=g-import-not-at-top
   c.optimizer = optimizer.default_optimizer_config()
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  from genemamba_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  c.mesh = sharding.default_sharding_config()  # data parallel over all devices
   c.log_every = 50
   c.eval_every = 1000
   c.eval_batches = 10

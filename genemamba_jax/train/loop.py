@@ -104,11 +104,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"resumed from step {start} in {workdir}")
 
   # --- steps
-  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, objective, pathway),
-                       in_shardings=(state_sharding, batch_sharding),
+  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, objective,
+                                                c.optimizer.accumulate_steps),
+                       in_shardings=(state_sharding, batch_sharding, None),
                        out_shardings=(state_sharding, None), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, objective, pathway),
-                      in_shardings=(state_sharding["params"], batch_sharding, None))
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, objective),
+                      in_shardings=(state_sharding["params"], batch_sharding, None, None))
   params_per_token = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
   peak = metrics_lib.peak_flops_per_device()
 
@@ -123,7 +124,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       if c.profile_steps and step == c.profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
       batch = _to_global(next(train_it), batch_sharding)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, pathway)
       pending.append((step + 1, metrics))
       if c.profile_steps and step == c.profile_steps[1]:
         jax.profiler.stop_trace()
@@ -133,7 +134,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = []
       if done % c.eval_every == 0 or done == c.num_steps:
         last["eval_loss"] = evaluate(eval_step, state["params"], path, c, per_process,
-                                     batch_sharding)
+                                     batch_sharding, pathway)
         writer.write(done, {"eval_loss": last["eval_loss"]})
       pause = c.steps_per_run and done - start >= c.steps_per_run
       ckpt.save(done, state, train_it, force=done == c.num_steps or bool(stop["signal"]) or pause)
@@ -176,7 +177,8 @@ def _log(pending: list, writer: metrics_lib.MetricsWriter, params: int, peak) ->
   return scalars
 
 
-def evaluate(eval_step, params, path: str, c, per_process: int, batch_sharding) -> float:
+def evaluate(eval_step, params, path: str, c, per_process: int, batch_sharding,
+             pathway=None) -> float:
   """Mean loss over the first `c.eval_batches` batches of the held-out split."""
   if not c.data.eval_fraction:
     warnings.warn("data.eval_fraction is 0: no held-out split, no eval loss")
@@ -190,6 +192,7 @@ def evaluate(eval_step, params, path: str, c, per_process: int, batch_sharding) 
       break
     if len(batch["tokens"]) != per_process:  # keep one compiled shape
       continue
-    metrics = eval_step(params, _to_global(batch, batch_sharding), jax.random.fold_in(rng, i))
+    metrics = eval_step(params, _to_global(batch, batch_sharding), jax.random.fold_in(rng, i),
+                        pathway)
     losses.append(float(metrics["loss"]))
   return float(np.mean(losses)) if losses else float("nan")

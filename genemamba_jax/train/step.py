@@ -26,10 +26,14 @@ def init_state(model, tx: optax.GradientTransformation, seed: int) -> dict:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
-                    objective: objectives.ObjectiveConfig, pathway=None) -> Callable:
-  """(state, batch) -> (state, metrics); one optimizer update (or one accumulation micro-step)."""
+                    objective: objectives.ObjectiveConfig, accumulate_steps: int = 1) -> Callable:
+  """(state, batch, pathway) -> (state, metrics); one optimizer update (or accumulation step).
 
-  def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+  `pathway` (a PathwayLoss pytree, or None) is an argument, not a closure, so
+  its gene-set matrix is an input of the compiled step rather than a constant.
+  """
+
+  def train_step(state: dict, batch: dict, pathway=None) -> tuple[dict, dict]:
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     step_rng = jax.random.fold_in(step_rng, jax.process_index())
 
@@ -40,7 +44,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"] // accumulate_steps),
                    tokens=jnp.sum(batch["mask"]), batch_checksum=_checksum(batch["tokens"]))
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": jax.random.key_data(rng)}
@@ -49,10 +53,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
   return train_step
 
 
-def make_eval_step(graphdef, objective: objectives.ObjectiveConfig, pathway=None) -> Callable:
-  """(params, batch, rng) -> metrics, without gradients."""
+def make_eval_step(graphdef, objective: objectives.ObjectiveConfig) -> Callable:
+  """(params, batch, rng, pathway) -> metrics, without gradients."""
 
-  def eval_step(params, batch: dict, rng: jax.Array) -> dict:
+  def eval_step(params, batch: dict, rng: jax.Array, pathway=None) -> dict:
     model = nnx.merge(graphdef, params)
     _, metrics = objectives.loss_fn(model, batch, rng, objective, pathway)
     return metrics
