@@ -10,7 +10,6 @@ import pytest
 
 from configs import demo as demo_config
 from configs import pretrain as pretrain_config
-from genemamba_jax.train import checkpoint as checkpoint_lib
 from genemamba_jax.train import loop
 
 

@@ -126,13 +126,19 @@ class GeneMamba(nnx.Module):
     Position t combines forward[t - 1] and reverse[t + 1] (zeros beyond the
     row's valid tokens), so nothing at t itself is seen: leak-free.
     """
+    return self.stream_states(tokens, mask)[0]
+
+  def stream_states(self, tokens: jax.Array, mask: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Separate streams only, one pass: (`next_gene_hidden`, `encode`) outputs, each [B, L, d]."""
     mask = self._mask(tokens, mask)
     forward, backward = self.encode_streams(tokens, mask)
     previous = jnp.pad(forward, ((0, 0), (1, 0), (0, 0)))[:, :-1]
     following = jnp.pad(backward, ((0, 0), (0, 1), (0, 0)))[:, 1:]
     next_valid = jnp.pad(mask, ((0, 0), (0, 1)))[:, 1:]
     following = jnp.where(next_valid[..., None], following, 0.0)
-    return self.norm_f(self.aggr(previous, following)).astype(jnp.float32)
+    next_hidden = self.norm_f(self.aggr(previous, following)).astype(jnp.float32)
+    return next_hidden, self.norm_f(self.aggr(forward, backward)).astype(jnp.float32)
 
   def _mask(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
     return tokens != self.config.pad_id if mask is None else mask.astype(bool)

@@ -132,18 +132,11 @@ def separate_states(model, tokens: jax.Array, mask: jax.Array, same_position: bo
                     ) -> tuple[jax.Array, jax.Array | None]:
   """One pass of a separate-streams model -> (next-gene states, same-position states or None).
 
-  Equal to (`model.next_gene_hidden`, `model.encode`) (tested) but runs the
-  layers once when the pathway loss also needs the same-position states.
+  `model.stream_states`: the layers run once even when the pathway loss also
+  needs the same-position states.
   """
-  forward, backward = model.encode_streams(tokens, mask)
-  previous = jnp.pad(forward, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-  following = jnp.pad(backward, ((0, 0), (0, 1), (0, 0)))[:, 1:]
-  next_valid = jnp.pad(mask, ((0, 0), (0, 1)))[:, 1:]
-  following = jnp.where(next_valid[..., None], following, 0.0)
-  next_hidden = model.norm_f(model.aggr(previous, following)).astype(jnp.float32)
-  if not same_position:
-    return next_hidden, None
-  return next_hidden, model.norm_f(model.aggr(forward, backward)).astype(jnp.float32)
+  next_hidden, hidden = model.stream_states(tokens, mask)
+  return next_hidden, hidden if same_position else None
 
 
 def predictions(model, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
