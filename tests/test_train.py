@@ -143,3 +143,16 @@ def test_pathway_loss_in_training(tmp_path, shared_data):
   assert len(losses) == 2 and all(np.isfinite(r["loss/pathway"]) for r in losses)
   assert all(abs(r["loss"] - r["loss/mlm"] - 0.1 * r["loss/pathway"]) < 1e-4 for r in losses)
   assert np.isfinite(last["eval_loss"])
+
+
+def test_cli_reports_a_misspelt_key_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "genemamba_jax.train", "--config", "configs/demo.py", "--workdir",
+       str(tmp_path), "--config.batchsize=3"], cwd=root, capture_output=True, text=True)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      'error: \'batchsize\' Did you mean "batch_size" instead of "batchsize"?']
+  assert not os.listdir(tmp_path)

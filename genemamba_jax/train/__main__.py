@@ -37,6 +37,20 @@ def main(argv):
         f"the parameters are in {workdir}/checkpoints/<step>/state")
 
 
+def parse_flags(argv):
+  """absl's parsing, with a bad flag, config key or value as a one-line error (exit status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    cause = e  # config overrides wrap a KeyError in an AttributeError: show the innermost text
+    while cause.args and isinstance(cause.args[0], Exception):
+      cause = cause.args[0]
+    message = (cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause))
+    message = " ".join(message.split())
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
