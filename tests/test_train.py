@@ -101,15 +101,15 @@ def _restore_params(workdir):
 def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   calls = {"n": 0}
-  real = loop._to_global
+  real = loop.sharding.shard_batch
 
-  def preempt_at_second_batch(batch, sharding):
+  def preempt_at_second_batch(batch, mesh):
     calls["n"] += 1
     if calls["n"] == 2:
       os.kill(os.getpid(), signal.SIGTERM)
-    return real(batch, sharding)
+    return real(batch, mesh)
 
-  monkeypatch.setattr(loop, "_to_global", preempt_at_second_batch)
+  monkeypatch.setattr(loop.sharding, "shard_batch", preempt_at_second_batch)
   loop.train_and_evaluate(_config(checkpoint_every=100), workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
 

@@ -82,8 +82,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     pathway = pathway_lib.PathwayLoss(jnp.asarray(membership), gamma=c.pathway.gamma,
                                       tau=c.pathway.tau, genes_per_cell=c.pathway.genes_per_cell)
   tx = optimizer_lib.make_optimizer(c.optimizer, c.num_steps)
-  schedule = optimizer_lib.make_schedule(c.optimizer.lr, c.optimizer.warmup_steps, c.num_steps,
-                                         c.optimizer.end_lr_fraction)
+  schedule = optimizer_lib.learning_rate(c.optimizer, c.num_steps)  # the one tx follows
 
   # --- sharded state: built directly in its shardings, never whole on one host
   abstract_model = nnx.eval_shape(lambda: GeneMamba(model_config, rngs=nnx.Rngs(c.seed)))
@@ -123,7 +122,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in range(start, c.num_steps):
       if c.profile_steps and step == c.profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
-      batch = _to_global(next(train_it), batch_sharding)
+      batch = sharding.shard_batch(next(train_it), mesh)
       state, metrics = train_step(state, batch, pathway)
       pending.append((step + 1, metrics))
       if c.profile_steps and step == c.profile_steps[1]:
@@ -133,8 +132,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         last = _log(pending, writer, params_per_token, peak)
         pending = []
       if done % c.eval_every == 0 or done == c.num_steps:
-        last["eval_loss"] = evaluate(eval_step, state["params"], path, c, per_process,
-                                     batch_sharding, pathway)
+        last["eval_loss"] = evaluate(eval_step, state["params"], path, c, per_process, mesh,
+                                     pathway)
         writer.write(done, {"eval_loss": last["eval_loss"]})
       pause = c.steps_per_run and done - start >= c.steps_per_run
       ckpt.save(done, state, train_it, force=done == c.num_steps or bool(stop["signal"]) or pause)
@@ -151,12 +150,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     if hasattr(train_it, "close"):
       train_it.close()
   return last
-
-
-def _to_global(batch: dict, batch_sharding) -> dict:
-  """This process's batch rows -> global arrays laid out over the mesh."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-          for k, v in batch.items()}
 
 
 def _log(pending: list, writer: metrics_lib.MetricsWriter, params: int, peak) -> dict:
@@ -177,8 +170,7 @@ def _log(pending: list, writer: metrics_lib.MetricsWriter, params: int, peak) ->
   return scalars
 
 
-def evaluate(eval_step, params, path: str, c, per_process: int, batch_sharding,
-             pathway=None) -> float:
+def evaluate(eval_step, params, path: str, c, per_process: int, mesh, pathway=None) -> float:
   """Mean loss over the first `c.eval_batches` batches of the held-out split."""
   if not c.data.eval_fraction:
     warnings.warn("data.eval_fraction is 0: no held-out split, no eval loss")
@@ -192,7 +184,7 @@ def evaluate(eval_step, params, path: str, c, per_process: int, batch_sharding,
       break
     if len(batch["tokens"]) != per_process:  # keep one compiled shape
       continue
-    metrics = eval_step(params, _to_global(batch, batch_sharding), jax.random.fold_in(rng, i),
+    metrics = eval_step(params, sharding.shard_batch(batch, mesh), jax.random.fold_in(rng, i),
                         pathway)
     losses.append(float(metrics["loss"]))
   return float(np.mean(losses)) if losses else float("nan")

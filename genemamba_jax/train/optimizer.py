@@ -73,6 +73,11 @@ def make_schedule(lr: float, warmup_steps: int, num_steps: int,
       decay_steps=num_steps, end_value=lr * end_lr_fraction)
 
 
+def learning_rate(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """The schedule `make_optimizer(cfg, num_steps)` follows (for logging the lr)."""
+  return make_schedule(cfg.lr, int(cfg.warmup_steps), num_steps, cfg.end_lr_fraction)
+
+
 def _names(path) -> tuple[str, ...]:
   """Key names of a pytree path. Drops nnx.Variable's trailing `.value`
   (a GetAttrKey), so nnx.State and its pure-dict form give the same names."""
@@ -114,7 +119,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int
       k gradients (clipped as a whole) and advances the schedule by one, so
       the run takes k * num_steps micro-batches.
   """
-  schedule = make_schedule(cfg.lr, int(cfg.warmup_steps), num_steps, cfg.end_lr_fraction)
+  schedule = learning_rate(cfg, num_steps)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=weight_decay_mask)
   # Clipping inside MultiSteps sees the accumulated gradient, like PyTorch
