@@ -19,17 +19,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from genemamba_jax.data import genes
-from genemamba_jax.data import records
+from genemamba_jax import pretrained
+from genemamba_jax.data import genes, records
 from genemamba_jax.data.pipeline import PipelineConfig, make_dataset
+from genemamba_jax.data.vocab import Vocab
 from genemamba_jax.model import GeneMamba
 from genemamba_jax.train import checkpoint as checkpoint_lib
 from genemamba_jax.train import config as config_lib
 from genemamba_jax.train import metrics as metrics_lib
-from genemamba_jax.train import objectives
+from genemamba_jax.train import objectives, sharding
 from genemamba_jax.train import optimizer as optimizer_lib
 from genemamba_jax.train import pathway as pathway_lib
-from genemamba_jax.train import sharding
 from genemamba_jax.train import step as step_lib
 
 
@@ -81,6 +81,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     membership, _ = pathway_lib.load_gene_sets(list(c.pathway.gmt), manifest["vocab"], gene_map)
     pathway = pathway_lib.PathwayLoss(jnp.asarray(membership), gamma=c.pathway.gamma,
                                       tau=c.pathway.tau, genes_per_cell=c.pathway.genes_per_cell)
+  if jax.process_index() == 0:  # what embed / finetune need beside the checkpoints
+    pretrained.write_run_files(
+        workdir, model_config, Vocab(manifest["vocab"], f"{path}/manifest.json"),
+        manifest["medians"], {**manifest.get("settings", {}), "max_len": c.data.max_len})
   tx = optimizer_lib.make_optimizer(c.optimizer, c.num_steps)
   schedule = optimizer_lib.learning_rate(c.optimizer, c.num_steps)  # the one tx follows
 
