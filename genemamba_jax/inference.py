@@ -1,0 +1,182 @@
+"""Batched, deterministic inference over tokenized cells: cell embeddings, gene contexts, logits.
+
+Cells are taken in input order, `batch_size` at a time; each batch is padded
+to a power-of-two length bucket (at most a few compiled shapes) and a short last
+batch is filled with empty rows, so every call sees one of a few fixed shapes.
+Results do not depend on the batch size beyond float rounding (the model is
+padding invariant; rows never mix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from flax import nnx
+from tqdm.auto import tqdm
+
+from genemamba_jax.model import GeneMamba, cell_embedding
+
+POOLINGS = ("cls", "mean")
+
+
+def bucket_length(longest: int, cap: int, minimum: int = 16) -> int:
+  """The padded length for a batch whose longest row has `longest` tokens: a power of two, <= cap."""
+  length = minimum
+  while length < longest:
+    length *= 2
+  return max(min(length, cap), 1)
+
+
+def padded_batches(sentences: Sequence[np.ndarray], batch_size: int, pad_id: int,
+                   ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+  """Yields (start, stop, tokens [batch_size, L] int32, mask [batch_size, L] bool) in input order.
+
+  Rows stop - start .. batch_size - 1 of the last batch are empty (all padding).
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  cap = bucket_length(max((len(s) for s in sentences), default=1), 1 << 30)
+  for start in range(0, len(sentences), batch_size):
+    rows = sentences[start:start + batch_size]
+    length = bucket_length(max(max(len(s) for s in rows), 1), cap)
+    tokens = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), bool)
+    for i, row in enumerate(rows):
+      tokens[i, :len(row)] = row
+      mask[i, :len(row)] = True
+    yield start, start + len(rows), tokens, mask
+
+
+def _map_batches(fn: Callable, model: GeneMamba, sentences: Sequence[np.ndarray], batch_size: int,
+                 desc: str | None, carry=None):
+  """Runs jitted `fn(model, tokens, mask, carry) -> (per-row outputs, carry)` over all cells.
+
+  Returns ([per-batch outputs, padding rows dropped, as numpy], final carry).
+  """
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, tokens, mask, carry):
+    return fn(nnx.merge(graphdef, state), tokens, mask, carry)
+
+  outputs = []
+  progress = tqdm(total=len(sentences), desc=desc, unit="cell", disable=desc is None)
+  for start, stop, tokens, mask in padded_batches(sentences, batch_size, model.config.pad_id):
+    rows, carry = step(state, tokens, mask, carry)
+    outputs.append(jax.tree.map(lambda x, n=stop - start: np.asarray(x[:n]), rows))
+    progress.update(stop - start)
+  progress.close()
+  return outputs, carry
+
+
+@dataclasses.dataclass
+class Embeddings:
+  """What one pass over the cells gives."""
+  cells: dict[str, np.ndarray]  # pooling -> [cells, d_model] float32
+  gene_sums: np.ndarray | None = None  # [vocab, d_model] float64: sum of final states per token
+  gene_counts: np.ndarray | None = None  # [vocab] int64: positions summed
+
+  def gene_context(self, min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids [G], mean final state [G, d]) of tokens seen at least `min_count` times."""
+    ids = np.flatnonzero(self.gene_counts >= max(min_count, 1))
+    return ids, (self.gene_sums[ids] / self.gene_counts[ids, None]).astype(np.float32)
+
+
+def embed_sentences(model: GeneMamba, sentences: Sequence[np.ndarray], *,
+                    poolings: Sequence[str] = ("cls",), batch_size: int = 64,
+                    gene_context: bool = False, special_ids: Sequence[int] = (),
+                    desc: str | None = "embedding") -> Embeddings:
+  """Cell embeddings (and optionally context-averaged gene states) of tokenized cells.
+
+  Args:
+    model: the backbone.
+    sentences: token arrays (cells in order); `cls` pooling needs <cls> first in each.
+    poolings: any of "cls" (final state at position 0) and "mean" (masked mean over tokens).
+    batch_size: cells per call.
+    gene_context: also sum the final state at every position per token id.
+    special_ids: tokens left out of the gene sums (<cls>, <eos>, ...).
+    desc: progress bar label; None hides it.
+  """
+  for pooling in poolings:
+    if pooling not in POOLINGS:
+      raise ValueError(f"pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+  vocab = model.config.vocab_size
+  specials = jnp.asarray(list(special_ids) or [-1], jnp.int32)
+
+  def fn(model, tokens, mask, carry):
+    hidden = model.encode(tokens, mask)
+    cells = {p: cell_embedding(hidden, mask, p) for p in poolings}
+    if carry is None:
+      return cells, None
+    sums, counts = carry
+    genes = mask & ~jnp.isin(tokens, specials)
+    # Out-of-range ids (masked positions) are dropped by segment_sum.
+    ids = jnp.where(genes, tokens, vocab).reshape(-1)
+    sums = sums + jax.ops.segment_sum(hidden.reshape(-1, hidden.shape[-1]), ids, vocab)
+    counts = counts + jax.ops.segment_sum(jnp.ones_like(ids), ids, vocab)
+    return cells, (sums, counts)
+
+  carry = None
+  if gene_context:  # float32 per batch, accumulated across batches in float32 on device
+    carry = (jnp.zeros((vocab, model.config.d_model), jnp.float32), jnp.zeros((vocab,), jnp.int32))
+  outputs, carry = _map_batches(fn, model, sentences, batch_size, desc, carry)
+  empty = np.zeros((0, model.config.d_model), np.float32)
+  out = Embeddings({p: np.concatenate([empty] + [o[p] for o in outputs]) for p in poolings})
+  if carry is not None:
+    out.gene_sums = np.asarray(carry[0], np.float64)
+    out.gene_counts = np.asarray(carry[1], np.int64)
+  return out
+
+
+def predict_tokens(model: GeneMamba, sentences: Sequence[np.ndarray], *, protocol: str,
+                   batch_size: int = 32, desc: str | None = None) -> list[np.ndarray]:
+  """Argmax token per position of each cell, under one reconstruction protocol.
+
+  protocol:
+    "same_position": argmax of the logits of the final state at t (the
+      original's protocol; the state at t has seen token t, so this can copy).
+    "next_gene": argmax of the leak-free prediction of position t from
+      positions < t and > t (needs a model trained with separate streams).
+  Returns one [len(cell)] int32 array per cell.
+  """
+  if protocol not in ("same_position", "next_gene"):
+    raise ValueError(f"protocol {protocol!r}; use 'same_position' or 'next_gene'")
+  if protocol == "next_gene" and model.config.streams != "separate":
+    raise ValueError("the leak-free next_gene protocol needs a model trained with the next_gene "
+                     "objective (separate streams); this one mixes the directions in every layer")
+
+  def fn(model, tokens, mask, carry):
+    hidden = (model.next_gene_hidden(tokens, mask) if protocol == "next_gene"
+              else model.encode(tokens, mask))
+    return jnp.argmax(model.logits(hidden), axis=-1).astype(jnp.int32), carry
+
+  outputs, _ = _map_batches(fn, model, sentences, batch_size, desc)
+  rows = [row for batch in outputs for row in batch]
+  return [row[:len(s)] for row, s in zip(rows, sentences)]
+
+
+def tokenize_all(tokenizer, source, columns: Sequence[str] = (), desc: str | None = "tokenizing"
+                 ) -> tuple[list[np.ndarray], np.ndarray, pd.DataFrame]:
+  """Every cell of `source`, in order: (sentences, obs_names [cells], obs with `columns`).
+
+  `tokenizer` must keep every cell (min_genes=0, primary_only=False, as
+  `Pretrained.tokenizer` makes it), so row i of any output is cell i of the input.
+  """
+  sentences, names, frames = [], [], []
+  progress = tqdm(total=source.n_cells, desc=desc, unit="cell", disable=desc is None)
+  for cells in tokenizer.tokenize_source(source, columns=columns):
+    sentences.extend(cells.sentences())
+    names.append(cells.obs_names)
+    frames.append(cells.obs)
+    progress.update(len(cells))
+  progress.close()
+  obs_names = np.concatenate(names) if names else np.zeros((0,), str)
+  if len(obs_names) != source.n_cells:  # would misalign rows with the input's cells
+    raise RuntimeError(f"{source.path}: {len(obs_names)} of {source.n_cells} cells tokenized")
+  obs = pd.concat(frames) if frames else pd.DataFrame(columns=list(columns))
+  return sentences, obs_names, obs.set_axis(obs_names, axis=0)
