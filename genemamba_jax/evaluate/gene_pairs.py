@@ -1,0 +1,249 @@
+"""Gene correlation analysis on Gene2Vec positive/negative pairs (paper 4.4, B.2).
+
+A pair scores the similarity of its two genes' embeddings; positive pairs
+(label 1) should outscore negative ones (label 0). Separation: ROC AUC and
+distances between the two similarity histograms, next to a random baseline.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy
+from sklearn.metrics import roc_auc_score
+
+from genemamba_jax.data.errors import DataError
+from genemamba_jax.data.jsonio import write_json_atomic
+
+# Added to every histogram bin so KL stays finite where the negative
+# histogram is empty; small enough not to move non-degenerate values.
+EPS = 1e-10
+MIN_PAIRS_PER_LABEL = 10
+METRICS = ("cosine", "pearson")
+
+
+def _read_lines(path: Path) -> list[str]:
+  try:
+    return path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:  # FileNotFoundError included
+    raise DataError(f"{path}: cannot read it ({e}); expected the Gene2Vec pair "
+                    "files <split>_text.txt and <split>_label.txt") from None
+
+
+def load_pairs(pairs_dir, split: str = "test") -> pd.DataFrame:
+  """Reads `{split}_text.txt` (two gene symbols a line) and `{split}_label.txt`.
+
+  Args:
+    pairs_dir: folder of the Gene2Vec pair files.
+    split: "train", "valid" or "test" (any name with both files works).
+
+  Returns:
+    DataFrame with columns gene_a, gene_b (str), label (int, 0 or 1).
+
+  Raises:
+    DataError: a file is missing, the two files have different line counts,
+      a text line does not hold exactly two genes, or a label is not 0/1.
+  """
+  text_path, label_path = (Path(pairs_dir) / f"{split}_{k}.txt" for k in ("text", "label"))
+  text, labels = _read_lines(text_path), _read_lines(label_path)
+  if len(text) != len(labels):
+    raise DataError(f"{text_path} has {len(text)} lines but {label_path} has "
+                    f"{len(labels)}; they must pair line by line")
+  genes = [line.split() for line in text]
+  for i, fields in enumerate(genes, start=1):
+    if len(fields) != 2:
+      raise DataError(f"{text_path}, line {i}: expected two gene symbols, "
+                      f"got {len(fields)} ({text[i - 1]!r})")
+  for i, v in enumerate(labels, start=1):
+    if v.strip() not in ("0", "1"):
+      raise DataError(f"{label_path}, line {i}: label must be 0 or 1, got {v!r}")
+  return pd.DataFrame({"gene_a": [g[0] for g in genes], "gene_b": [g[1] for g in genes],
+                       "label": np.array([int(v) for v in labels], dtype=np.int64)})
+
+
+def _similarity(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+  """Row-wise similarity of (P, D) arrays -> (P,); nan where a norm is 0."""
+  if metric == "pearson":
+    # Pearson across embedding dimensions = cosine of the centred vectors.
+    a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+  norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(norm > 0, np.einsum("pd,pd->p", a, b) / norm, np.nan)
+
+
+def pair_similarities(gene_names: Sequence[str], embeddings: np.ndarray,
+                      pairs: pd.DataFrame, *, metric: str = "cosine") -> pd.DataFrame:
+  """Similarity of each pair whose two genes both have an embedding.
+
+  Symbols match case-sensitively: Gene2Vec uses upper-case HGNC symbols and
+  "Cd4" does not match "CD4"; the caller supplies the same spelling.
+
+  Args:
+    gene_names: (G,) unique gene symbols, row order of `embeddings`.
+    embeddings: (G, D) gene embeddings.
+    pairs: DataFrame with gene_a, gene_b, label (see `load_pairs`).
+    metric: "cosine", or "pearson" (correlation across the D dimensions).
+
+  Returns:
+    The covered rows of `pairs` (original index) plus a float column
+    `similarity` in [-1, 1]; nan where an embedding has zero norm (cosine)
+    or is constant (pearson).
+
+  Raises:
+    ValueError: bad metric or shapes; DataError: duplicate gene names.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+  embeddings = np.asarray(embeddings, dtype=np.float64)
+  names = list(gene_names)
+  if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
+    raise ValueError(f"embeddings must be (G, D) with G = len(gene_names) = "
+                     f"{len(names)}, got shape {embeddings.shape}")
+  index = {name: i for i, name in enumerate(names)}
+  if len(index) != len(names):
+    raise DataError(f"gene_names has {len(names) - len(index)} repeated names; one row a gene")
+  ia, ib = pairs["gene_a"].map(index), pairs["gene_b"].map(index)
+  keep = ia.notna() & ib.notna()
+  out = pairs.loc[keep].copy()
+  out["similarity"] = _similarity(embeddings[ia[keep].to_numpy(int)],
+                                  embeddings[ib[keep].to_numpy(int)], metric)
+  return out
+
+
+def distribution_distances(positive: np.ndarray, negative: np.ndarray,
+                           bins: int = 50) -> dict:
+  """Distances between the similarity distributions of positive and negative pairs.
+
+  Both are histogrammed on the same `bins` equal bins over [-1, 1] (clipped
+  into it: float cosines can pass 1 by an ulp), normalized to sum 1 (p, q).
+
+  Args:
+    positive, negative: (P,), (N,) finite similarities of each label's pairs.
+    bins: number of histogram bins.
+
+  Returns:
+    {"euclidean": ||p - q||_2, "kl": KL(p || q) = scipy.stats.entropy(p + eps,
+    q + eps) (nats), "js": JS divergence = jensenshannon(p + eps, q + eps)**2
+    (nats; scipy returns the JS distance, its square root), "mean_diff":
+    mean(positive) - mean(negative)}, eps = EPS. All 0 for identical samples.
+  """
+  positive, negative = np.asarray(positive, float), np.asarray(negative, float)
+  for name, x in (("positive", positive), ("negative", negative)):
+    if x.size == 0 or not np.all(np.isfinite(x)):
+      raise ValueError(f"{name} must be a non-empty array of finite values")
+  edges = np.linspace(-1.0, 1.0, bins + 1)
+  p = np.histogram(np.clip(positive, -1, 1), edges)[0] / positive.size
+  q = np.histogram(np.clip(negative, -1, 1), edges)[0] / negative.size
+  return {"euclidean": float(np.linalg.norm(p - q)), "kl": float(entropy(p + EPS, q + EPS)),
+          "js": float(jensenshannon(p + EPS, q + EPS) ** 2),
+          "mean_diff": float(positive.mean() - negative.mean())}
+
+
+def _benchmark(gene_names, embeddings, pairs, seed, metric):
+  """Returns (table, {method: similarities}) for the embedding and random baseline."""
+  rng = np.random.default_rng(seed)
+  embeddings = np.asarray(embeddings, dtype=np.float64)  # random gets its shape
+  rows, sims = {}, {}
+  for method, emb in (("embedding", embeddings),
+                      ("random", rng.standard_normal(embeddings.shape))):
+    sim = pair_similarities(gene_names, emb, pairs, metric=metric)
+    sim = sim[np.isfinite(sim["similarity"])]
+    pos = sim.loc[sim["label"] == 1, "similarity"].to_numpy()
+    neg = sim.loc[sim["label"] == 0, "similarity"].to_numpy()
+    if pos.size == 0 or neg.size == 0:
+      raise DataError(f"{method}: {pos.size} positive and {neg.size} negative pairs "
+                      "have a similarity; both labels are needed")
+    dist = distribution_distances(pos, neg)
+    rows[method] = {"pairs_used": len(sim), "auc": roc_auc_score(sim["label"], sim["similarity"]),
+                    "mean_pos": pos.mean(), "mean_neg": neg.mean(),
+                    **{k: dist[k] for k in ("euclidean", "kl", "js")}}
+    sims[method] = sim
+  return pd.DataFrame.from_dict(rows, orient="index"), sims
+
+
+def pair_benchmark(gene_names, embeddings, pairs, *, seed=0, metric="cosine") -> pd.DataFrame:
+  """Separation of positive and negative pairs by the embedding and a random baseline.
+
+  Args:
+    gene_names, embeddings, pairs, metric: as for `pair_similarities`.
+    seed: seed of the random-normal (G, D) baseline embeddings.
+
+  Returns:
+    DataFrame indexed "embedding", "random" with columns pairs_used (covered
+    pairs with a defined similarity), auc (ROC AUC of similarity vs label),
+    mean_pos, mean_neg, euclidean, kl, js (see `distribution_distances`).
+  """
+  return _benchmark(gene_names, embeddings, pairs, seed, metric)[0]
+
+
+def plot_similarity_distributions(similarities: dict[str, pd.DataFrame], path) -> None:
+  """Writes a PNG: per method, histograms of positive vs negative similarity.
+
+  Args:
+    similarities: method name -> DataFrame with label and similarity columns.
+    path: PNG path, written atomically.
+  """
+  # A bare Figure renders with Agg and leaves pyplot's global state alone.
+  fig = Figure(figsize=(4.5 * max(len(similarities), 1), 3.5), layout="constrained")
+  axes = fig.subplots(1, max(len(similarities), 1), squeeze=False)[0]
+  edges = np.linspace(-1, 1, 51)
+  for ax, (method, sim) in zip(axes, similarities.items()):
+    for label, name, color in ((1, "positive", "tab:red"), (0, "negative", "tab:blue")):
+      ax.hist(sim.loc[sim["label"] == label, "similarity"], bins=edges, density=True,
+              alpha=0.5, color=color, label=name)
+    ax.set(title=method, xlabel="similarity", ylabel="density")
+    ax.legend()
+  _atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def _atomic(path, write) -> None:
+  """Calls write(binary file) on a temp file beside `path`, then renames it."""
+  path = Path(path)  # same directory: os.replace is atomic within a file system
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)  # mkstemp created it; os.replace has not consumed it
+    raise
+
+
+def run_gene_pairs(gene_names, embeddings, pairs_dir, out_dir, *, split="test", seed=0,
+                   metric="cosine") -> pd.DataFrame:
+  """Runs `pair_benchmark` on a split; writes gene_pairs.{csv,json}, similarity.png.
+
+  Raises:
+    DataError: the pair files are bad, or fewer than MIN_PAIRS_PER_LABEL
+      pairs of either label are covered by `gene_names` (the message gives
+      how many pair-file genes matched, with examples of both spellings).
+  """
+  pairs, names = load_pairs(pairs_dir, split), list(gene_names)
+  covered = pairs["label"][pairs["gene_a"].isin(names) & pairs["gene_b"].isin(names)]
+  n_pos, n_neg = int((covered == 1).sum()), int((covered == 0).sum())
+  if min(n_pos, n_neg) < MIN_PAIRS_PER_LABEL:
+    pair_genes = pd.unique(pairs[["gene_a", "gene_b"]].to_numpy().ravel())
+    raise DataError(
+        f"{Path(pairs_dir) / split}_text.txt: only {n_pos} positive and {n_neg} negative "
+        f"pairs have both genes among gene_names (need {MIN_PAIRS_PER_LABEL} each); "
+        f"{int(np.isin(pair_genes, names).sum())} of {len(pair_genes)} pair-file genes "
+        f"matched (case-sensitive). Pair-file symbols look like {list(pair_genes[:5])}, "
+        f"gene_names like {names[:5]}")
+  table, sims = _benchmark(names, embeddings, pairs, seed, metric)
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  _atomic(out_dir / "gene_pairs.csv",
+          lambda f: f.write(table.to_csv(index_label="method").encode("utf-8")))
+  # pandas writes NaN as null (JSON has no NaN) and pairs_used as an int.
+  results = json.loads(table.to_json(orient="index", double_precision=15))
+  write_json_atomic(out_dir / "gene_pairs.json", {
+      "split": split, "metric": metric, "seed": seed, "pairs_total": len(pairs),
+      "positive_covered": n_pos, "negative_covered": n_neg, "results": results})
+  plot_similarity_distributions(sims, out_dir / "similarity.png")
+  return table
