@@ -1,0 +1,1 @@
+"""Evaluations of GeneMamba embeddings: integration, reconstruction, gene pairs."""

@@ -1,0 +1,280 @@
+"""Multi-batch integration metrics (paper 4.1, B.3) with PCA and Harmony baselines.
+
+An embedding of cells [cells, dims] is scored against cell-type labels and
+batches with scib-metrics: AvgBIO = mean(NMI, ARI, ASW_label) measures kept
+biology, AvgBatch = mean(ASW_batch, graph connectivity) measures batch mixing;
+iLISI and cLISI are reported beside them. The baselines are the PCA of the
+log-normalized counts and Harmony on that PCA.
+"""
+
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata
+import harmonypy
+import matplotlib
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scib_metrics
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scib_metrics.nearest_neighbors import jax_approx_min_k
+from scib_metrics.utils import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from genemamba_jax.data.errors import DataError
+
+METHODS = ("genemamba", "pca", "harmony")
+METRIC_KEYS = ("nmi", "ari", "asw_label", "asw_batch", "graph_connectivity", "ilisi",
+               "clisi", "avg_bio", "avg_batch")
+# scib (and scib-metrics' Benchmarker) score LISI on 90 neighbours (perplexity
+# 30) and the graph metrics on 15; one 90-neighbour search serves both.
+LISI_NEIGHBORS = 90
+
+
+def _codes(values: Sequence, name: str) -> np.ndarray:
+  """Integer codes [cells] of a label/batch vector; DataError on missing values."""
+  series = pd.Series(np.asarray(values, dtype=object))
+  if series.isna().any():
+    raise DataError(f"{name}: {int(series.isna().sum())} cells have no value (NaN); "
+                    "drop or fill them first")
+  codes = pd.Categorical(series.astype(str)).codes.astype(np.int64)
+  if len(np.unique(codes)) < 2:
+    raise DataError(f"{name}: needs at least 2 distinct values, found {len(np.unique(codes))}")
+  return codes
+
+
+def cluster_labels(embedding: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
+  """scib-metrics' JAX k-means clusters [cells] of `embedding` [cells, dims]."""
+  # fit() centres its input in place; a copy keeps the caller's array intact.
+  return np.asarray(KMeans(n_clusters, seed=seed).fit(np.array(embedding, np.float32)).labels_)
+
+
+def integration_metrics(embedding: np.ndarray, labels: Sequence, batches: Sequence, *,
+                        seed: int = 0, n_neighbors: int = 15) -> dict[str, float]:
+  """Scores one embedding for label conservation and batch mixing.
+
+  Args:
+    embedding: [cells, dims] cell embedding.
+    labels: [cells] cell-type labels.
+    batches: [cells] batch of each cell.
+    seed: seed of the k-means clustering behind NMI and ARI.
+    n_neighbors: kNN size (self included) of the graph-connectivity graph.
+
+  Returns:
+    {nmi, ari, asw_label, asw_batch, graph_connectivity, ilisi, clisi, avg_bio,
+    avg_batch} as floats; all but ARI lie in [0, 1], higher is better.
+  """
+  x = np.array(embedding, dtype=np.float32)  # a copy: nothing below touches the input
+  if x.ndim != 2 or x.shape[0] < 3:
+    raise DataError(f"embedding: expected [cells >= 3, dims], got shape {x.shape}")
+  if len(labels) != x.shape[0] or len(batches) != x.shape[0]:
+    raise DataError(f"embedding has {x.shape[0]} rows but there are {len(labels)} labels "
+                    f"and {len(batches)} batches; they must match cell for cell")
+  if not np.isfinite(x).all():
+    raise DataError(f"embedding: {int((~np.isfinite(x)).any(1).sum())} rows hold NaN or inf")
+  y, b = _codes(labels, "labels"), _codes(batches, "batches")
+  if n_neighbors < 2:
+    raise DataError(f"n_neighbors must be >= 2, got {n_neighbors}")
+  # k-means with k = number of labels (scib-metrics' nmi_ari_cluster_labels_kmeans)
+  # rather than the Leiden variant: Leiden scans 10 resolutions over a UMAP
+  # connectivity graph, several times the CPU cost. That function fixes the
+  # k-means seed at 0, so its two lines are repeated here to honour `seed`.
+  pred = cluster_labels(x, len(np.unique(y)), seed)
+  nmi = float(normalized_mutual_info_score(y, pred, average_method="arithmetic"))
+  ari = float(adjusted_rand_score(y, pred))
+  asw_label = float(scib_metrics.silhouette_label(x, y, rescale=True))
+  if all(len(np.unique(b[y == c])) < 2 for c in np.unique(y)):
+    raise DataError("batches: no label has cells from 2 batches, so batch mixing "
+                    "(ASW_batch) is undefined")
+  asw_batch = float(scib_metrics.silhouette_batch(x, y, b, rescale=True))
+  # Exact kNN: jax_approx_min_k is exact off TPU, takes ~1 s on ~1e3 cells, and
+  # skips the ~1 min numba compile of the pynndescent search.
+  knn = jax_approx_min_k(x, n_neighbors=min(max(LISI_NEIGHBORS, n_neighbors), x.shape[0]))
+  graph = knn.subset_neighbors(min(n_neighbors, knn.n_neighbors))
+  out = {
+      "nmi": nmi, "ari": ari, "asw_label": asw_label, "asw_batch": asw_batch,
+      "graph_connectivity": float(scib_metrics.graph_connectivity(graph, y)),
+      "ilisi": float(scib_metrics.ilisi_knn(knn, b)),
+      "clisi": float(scib_metrics.clisi_knn(knn, y)),
+  }
+  out["avg_bio"] = float(np.mean([nmi, ari, asw_label]))
+  out["avg_batch"] = float(np.mean([asw_batch, out["graph_connectivity"]]))
+  return {k: out[k] for k in METRIC_KEYS}
+
+
+def _check_adata(adata, where: str, batch_column: str, label_column: str,
+                 embedding_key: str | None = None, layer: str | None = None) -> None:
+  """DataError naming `where` and the field when the inputs cannot be scored."""
+  for column in (batch_column, label_column):
+    if column not in adata.obs.columns:
+      raise DataError(f"{where}: obs has no column {column!r}; columns: {list(adata.obs.columns)}")
+    missing = int(adata.obs[column].isna().sum())
+    if missing:
+      raise DataError(f"{where}: obs[{column!r}] is NaN for {missing} cells; drop them first")
+    if adata.obs[column].nunique() < 2:
+      raise DataError(f"{where}: obs[{column!r}] needs at least 2 distinct values, "
+                      f"found {adata.obs[column].nunique()}")
+  if layer is not None and layer not in adata.layers:
+    raise DataError(f"{where}: no layer {layer!r}; layers: {list(adata.layers.keys())}")
+  if embedding_key is None:
+    return
+  if embedding_key not in adata.obsm:
+    raise DataError(f"{where}: obsm has no {embedding_key!r}; keys: {list(adata.obsm.keys())}")
+  emb = np.asarray(adata.obsm[embedding_key])
+  if emb.ndim != 2 or emb.shape[0] != adata.n_obs:
+    raise DataError(f"{where}: obsm[{embedding_key!r}] has shape {emb.shape}, "
+                    f"expected [{adata.n_obs} cells, dims]")
+  if not np.issubdtype(emb.dtype, np.number) or not np.isfinite(emb).all():
+    raise DataError(f"{where}: obsm[{embedding_key!r}] is not numeric or holds NaN/inf")
+
+
+def baseline_embeddings(adata, *, layer: str | None = None, n_pcs: int = 50,
+                        batch_column: str, seed: int = 0) -> dict[str, np.ndarray]:
+  """PCA and Harmony embeddings of the raw counts in `adata.X` (or `layer`).
+
+  Args:
+    adata: AnnData with raw counts [cells, genes]; left unmodified.
+    layer: layer holding the counts instead of X.
+    n_pcs: number of principal components (capped at min(cells, genes) - 1).
+    batch_column: obs column that Harmony corrects for.
+    seed: random state of PCA and Harmony.
+
+  Returns:
+    {"pca": [cells, n_pcs] PCA of normalize_total(1e4) + log1p counts,
+     "harmony": [cells, n_pcs] harmonypy correction of that PCA}.
+  """
+  counts = adata.layers[layer] if layer is not None else adata.X
+  work = anndata.AnnData(X=counts.astype(np.float32, copy=True))  # the input stays as it is
+  low = work.X.min()
+  if low < 0 or not np.isfinite(work.X.sum()):
+    raise DataError(f"{'layer ' + repr(layer) if layer else 'X'}: expected raw counts "
+                    f"(finite, >= 0), found minimum {low}")
+  sc.pp.normalize_total(work, target_sum=1e4)
+  sc.pp.log1p(work)
+  sc.tl.pca(work, n_comps=min(n_pcs, min(work.shape) - 1), random_state=seed)
+  pca = np.asarray(work.obsm["X_pca"], dtype=np.float32)
+  meta = pd.DataFrame({"batch": np.asarray(adata.obs[batch_column]).astype(str)})
+  z = np.asarray(harmonypy.run_harmony(pca.astype(np.float64), meta, ["batch"],
+                                       random_state=seed, verbose=False).Z_corr)
+  if z.shape != pca.shape:  # harmonypy < 2 returned [dims, cells]
+    z = z.T
+  return {"pca": pca, "harmony": z.astype(np.float32)}
+
+
+def _scored(adata, embedding_key, batch_column, label_column, layer, n_pcs, seed, baselines,
+            where="adata"):
+  """(table, {method: [cells, dims] embedding}) of integration_table."""
+  baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
+  unknown = [m for m in baselines if m not in METHODS[1:]]
+  if unknown:
+    raise DataError(f"unknown baselines {unknown}; choose from {list(METHODS[1:])}")
+  _check_adata(adata, where, batch_column, label_column, embedding_key, layer)
+  embeddings = {"genemamba": np.asarray(adata.obsm[embedding_key])}
+  labels, batches = adata.obs[label_column].to_numpy(), adata.obs[batch_column].to_numpy()
+  try:
+    if baselines:
+      base = baseline_embeddings(adata, layer=layer, n_pcs=n_pcs, batch_column=batch_column,
+                                 seed=seed)
+      embeddings.update({m: base[m] for m in baselines})
+    rows = {m: integration_metrics(e, labels, batches, seed=seed) for m, e in embeddings.items()}
+  except DataError as e:  # the messages below name the field; add the file
+    raise DataError(f"{where}: {e}") from None
+  table = pd.DataFrame.from_dict(rows, orient="index", columns=list(METRIC_KEYS))
+  table.index.name = "method"
+  return table, embeddings
+
+
+def integration_table(adata, embedding_key: str, batch_column: str, label_column: str, *,
+                      layer: str | None = None, n_pcs: int = 50, seed: int = 0,
+                      baselines: Sequence[str] = ("pca", "harmony")) -> pd.DataFrame:
+  """Metrics of adata.obsm[embedding_key] and of the baselines, one row per method.
+
+  Returns:
+    DataFrame indexed by 'method' ("genemamba", then `baselines`), columns METRIC_KEYS.
+  """
+  return _scored(adata, embedding_key, batch_column, label_column, layer, n_pcs, seed,
+                 baselines)[0]
+
+
+def _atomic(path: Path, write) -> None:
+  """Calls write(temp_path), then renames it over `path` (same folder: atomic).
+
+  The writer creates the temp file itself, so it gets the usual umask
+  permissions rather than mkstemp's owner-only ones.
+  """
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def _umap(embedding: np.ndarray, seed: int) -> np.ndarray:
+  """[cells, 2] UMAP of `embedding` [cells, dims] via scanpy on a throwaway AnnData."""
+  work = anndata.AnnData(obsm={"X_emb": np.asarray(embedding, dtype=np.float32)},
+                         obs=pd.DataFrame(index=np.arange(len(embedding)).astype(str)))
+  sc.pp.neighbors(work, use_rep="X_emb", n_neighbors=15, random_state=seed)
+  sc.tl.umap(work, random_state=seed)
+  return np.asarray(work.obsm["X_umap"])
+
+
+def _plot_umap(path: Path, coords: np.ndarray, panels: dict[str, np.ndarray], title: str) -> None:
+  """PNG with one scatter panel per {name: [cells] category} over coords [cells, 2]."""
+  fig = Figure(figsize=(6.5 * len(panels), 5), layout="constrained")
+  FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+  for ax, (name, values) in zip(fig.subplots(1, len(panels)), panels.items()):
+    cats = sorted(pd.unique(values.astype(str)))
+    # Qualitative palettes while they have enough colours, then an even spread.
+    colors = (matplotlib.colormaps["tab10" if len(cats) <= 10 else "tab20"].colors
+              if len(cats) <= 20 else matplotlib.colormaps["turbo"](np.linspace(0, 1, len(cats))))
+    for cat, color in zip(cats, colors):
+      pts = coords[values.astype(str) == cat]
+      ax.scatter(pts[:, 0], pts[:, 1], s=3, color=color, label=cat)
+    ax.set(title=f"{title}: {name}", xticks=[], yticks=[], xlabel="UMAP1", ylabel="UMAP2")
+    ax.legend(fontsize=7, markerscale=3, frameon=False, loc="center left",
+              bbox_to_anchor=(1, 0.5), ncols=1 + len(cats) // 25)
+  _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def run_integration(input_path: str, embedding_key: str, batch_column: str, label_column: str,
+                    out_dir: str, *, layer: str | None = None, n_pcs: int = 50, seed: int = 0,
+                    baselines: Sequence[str] = ("pca", "harmony"),
+                    plots: bool = True) -> pd.DataFrame:
+  """Scores an .h5ad's embedding and baselines; writes metrics and UMAPs to out_dir.
+
+  Writes metrics.csv (first column `method`), metrics.json ({method: {metric:
+  value}}) and, with `plots`, umap_<method>.png (panels coloured by label and by
+  batch), each atomically. The input file is only read.
+
+  Returns:
+    The integration_table DataFrame.
+  """
+  path = Path(input_path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found; expected an .h5ad with obsm[{embedding_key!r}]")
+  try:
+    adata = anndata.read_h5ad(path)
+  except (OSError, KeyError, ValueError, TypeError) as e:  # what h5py/anndata raise on a bad file
+    raise DataError(f"{path}: cannot read it as .h5ad ({e})") from None
+  table, embeddings = _scored(adata, embedding_key, batch_column, label_column, layer, n_pcs,
+                              seed, baselines, where=str(path))
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  _atomic(out / "metrics.csv", lambda tmp: table.to_csv(tmp, index_label="method"))
+  as_json = {m: {k: (None if np.isnan(v) else float(v)) for k, v in row.items()}
+             for m, row in table.to_dict(orient="index").items()}
+  _atomic(out / "metrics.json", lambda tmp: tmp.write_text(
+      json.dumps(as_json, indent=1, allow_nan=False) + "\n", encoding="utf-8"))
+  if plots:
+    panels = {label_column: adata.obs[label_column].to_numpy(),
+              batch_column: adata.obs[batch_column].to_numpy()}
+    for method, emb in embeddings.items():
+      _plot_umap(out / f"umap_{method}.png", _umap(emb, seed), panels, method)
+  return table
