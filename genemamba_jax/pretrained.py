@@ -176,7 +176,7 @@ def build_model(config: GeneMambaConfig, params: Mapping, where: str = "checkpoi
       raise DataError(f"{where}: parameter {key} has shape {flat_given[key].shape}, the model in "
                       f"model.json needs {leaf.shape}")
   loaded = jax.tree.map(lambda leaf, value: jax.numpy.asarray(value, leaf.dtype), expected,
-                        _select(params, expected))
+                        select_like(params, expected))
   nnx.replace_by_pure_dict(state, loaded)
   return nnx.merge(graphdef, state)
 
@@ -187,8 +187,8 @@ def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
   return [(prefix, tree)]
 
 
-def _select(given: Mapping, like: Mapping) -> dict:
+def select_like(given: Mapping, like: Mapping) -> dict:
   """`given` restricted to the keys of `like` (same nesting)."""
   def pick(k):  # Orbax gives string keys where the model's state may use ints
     return given[k] if k in given else given[str(k)]
-  return {k: _select(pick(k), v) if isinstance(v, Mapping) else pick(k) for k, v in like.items()}
+  return {k: select_like(pick(k), v) if isinstance(v, Mapping) else pick(k) for k, v in like.items()}

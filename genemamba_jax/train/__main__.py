@@ -7,10 +7,10 @@ command on the same workdir resumes from its latest checkpoint.
 import os
 import sys
 
-from absl import app
-from absl import logging
-from absl import flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from genemamba_jax.cli import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
                                           lock_config=True)
@@ -35,20 +35,6 @@ def main(argv):
         f"TensorBoard: tensorboard --logdir {workdir}/tensorboard")
   print(f"next: re-run with a larger --config.num_steps to train on from the last checkpoint; "
         f"the parameters are in {workdir}/checkpoints/<step>/state")
-
-
-def parse_flags(argv):
-  """absl's parsing, with a bad flag, config key or value as a one-line error (exit status 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    cause = e  # config overrides wrap a KeyError in an AttributeError: show the innermost text
-    while cause.args and isinstance(cause.args[0], Exception):
-      cause = cause.args[0]
-    message = (cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause))
-    message = " ".join(message.split())
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
