@@ -19,3 +19,20 @@ def shared_data() -> Path:
       pytest.fail(reason)
     pytest.skip(reason)
   return SHARED_DATA
+
+
+def _require_shared_data() -> Path:
+  if not SHARED_DATA.is_dir():
+    reason = (f"shared test data not found at {SHARED_DATA}; it is expected "
+              "beside the project root as ../shared/data")
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(reason)
+    pytest.skip(reason)
+  return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def kang_pretrained(tmp_path_factory) -> Path:
+  """Run directory of a small GeneMamba pretrained on the Kang PBMCs (tests/kang.py), once."""
+  from tests.kang import pretrain_kang  # pylint: disable=g-import-not-at-top
+  return pretrain_kang(_require_shared_data(), tmp_path_factory.mktemp("kang_pretrain"))

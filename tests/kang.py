@@ -1,6 +1,6 @@
 """A small GeneMamba pretrained on the Kang PBMCs (real cells), for the downstream tests.
 
-prepare medians -> prepare tokenize (<cls> first, top 256 genes) -> a 2-layer
+prepare medians -> prepare tokenize (<cls> first, top 128 genes) -> a 2-layer
 Mamba-2 model trained with the leak-free objective for a few dozen steps.
 """
 
@@ -12,10 +12,10 @@ from genemamba_jax import prepare
 from genemamba_jax.train import loop
 from genemamba_jax.train.config import default_config
 
-MAX_LEN = 256
+MAX_LEN = 128
 
 
-def pretrain_kang(data_dir: Path, out: Path, num_steps: int = 60, objective: str = "next_gene"
+def pretrain_kang(data_dir: Path, out: Path, num_steps: int = 200, objective: str = "next_gene"
                   ) -> Path:
   """Returns the run directory (written once into `out`)."""
   kang = str(data_dir / "kang_pbmc_ifnb.h5ad")
@@ -36,7 +36,8 @@ def pretrain_kang(data_dir: Path, out: Path, num_steps: int = 60, objective: str
   c.num_steps = num_steps
   c.model.update(d_model=64, n_layers=2, d_state=16, headdim=32)
   c.optimizer.update(lr=3e-3, warmup_steps=10)
-  c.log_every = c.eval_every = c.checkpoint_every = num_steps
+  c.log_every = 50
+  c.eval_every = c.checkpoint_every = num_steps
   c.eval_batches = 2
   loop.train_and_evaluate(c, str(run))
   return run

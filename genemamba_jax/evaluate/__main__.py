@@ -1,0 +1,158 @@
+"""python -m genemamba_jax.evaluate {integration,reconstruction,gene-pairs} ...
+
+  integration     scib-metrics on an embedding in obsm (e.g. embed's X_genemamba)
+                  beside PCA and Harmony baselines: DIR/metrics.csv, metrics.json,
+                  umap_<method>.png
+  reconstruction  gene rank reconstruction of a checkpoint on real cells, under the
+                  original same-position protocol and the leak-free one, beside a
+                  model-free baseline: DIR/reconstruction.csv, .json, _cells.csv, .png
+  gene-pairs      Gene2Vec positive/negative pairs scored with a checkpoint's gene
+                  embeddings beside random ones: DIR/gene_pairs.csv, .json,
+                  similarity.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from genemamba_jax.data.errors import DataError
+
+
+def _integration(a) -> list[str]:
+  from genemamba_jax.evaluate import integration  # pylint: disable=g-import-not-at-top
+  table = integration.run_integration(a.input, a.embedding, a.batch_column, a.label_column,
+                                      a.out, layer=a.layer, n_pcs=a.n_pcs, seed=a.seed,
+                                      plots=not a.no_plots)
+  return [_show(table[["avg_bio", "avg_batch", "nmi", "ari", "asw_label", "asw_batch",
+                       "graph_connectivity"]]), f"written: {a.out}/metrics.csv"]
+
+
+def _reconstruction(a) -> list[str]:
+  from genemamba_jax import inference, pretrained  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.data import genes  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.data.readers import open_source  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.evaluate import reconstruction  # pylint: disable=g-import-not-at-top
+  model = pretrained.load_pretrained(a.checkpoint)
+  tokenizer = model.tokenizer(max_len=a.max_len,
+                              gene_map=genes.load_gene_map(a.gene_map) if a.gene_map else None)
+  sentences, _, _ = inference.tokenize_all(tokenizer, open_source(a.input, a.layer,
+                                                                  a.gene_column))
+  chosen = reconstruction.sample_cells(len(sentences), a.cells, a.seed)
+  sentences = [sentences[i] for i in chosen if len(sentences[i])]
+  vocab = model.vocab
+  summary, per_cell, hyps = reconstruction.reconstruct(
+      model.model, sentences, [vocab.pad_id, vocab.mask_id, vocab.cls_id, vocab.eos_id],
+      batch_size=a.batch_size)
+  specials = [vocab.cls_id, vocab.eos_id]
+  references = [s[~np.isin(s, specials)] for s in sentences]
+  reconstruction.write_outputs(summary, per_cell, a.out, references, hyps)
+  cols = [c for c in ("l_dist", "nl_dist", "bleu1", "bleu4", "spearman", "exact_match")
+          if c in summary]
+  return [f"{len(sentences)} cells of {a.input}", _show(summary[cols]),
+          f"written: {a.out}/reconstruction.csv"]
+
+
+def _gene_pairs(a) -> list[str]:
+  from genemamba_jax.evaluate import gene_pairs  # pylint: disable=g-import-not-at-top
+  names, vectors = _gene_vectors(a)
+  if a.gene_map:  # vocabulary ids (e.g. Ensembl) -> the pair files' symbols
+    from genemamba_jax.data import genes  # pylint: disable=g-import-not-at-top
+    to_symbol = {v: k for k, v in genes.load_gene_map(a.gene_map).items()}
+    names = [to_symbol.get(n, n) for n in names]
+    names, first = np.unique(names, return_index=True)  # one row per symbol
+    vectors = vectors[first]
+  table = gene_pairs.run_gene_pairs(list(names), vectors, a.pairs, a.out, split=a.split,
+                                    seed=a.seed, metric=a.metric)
+  return [_show(table), f"written: {a.out}/gene_pairs.csv"]
+
+
+def _gene_vectors(a) -> tuple[list[str], np.ndarray]:
+  """(gene ids, [genes, d]) from --genes (embed's .npz) or the checkpoint's input embeddings."""
+  if a.genes:
+    try:
+      data = np.load(a.genes)
+    except (OSError, ValueError) as e:
+      raise DataError(f"{a.genes}: cannot read it as .npz ({e})") from None
+    key = {"input": ("gene_ids", "input"), "context": ("context_gene_ids", "context")}[a.which]
+    if key[1] not in data:
+      raise DataError(f"{a.genes}: holds no {key[1]!r} array (has {sorted(data)}); write it with "
+                      "`embed --genes-output`")
+    return [str(g) for g in data[key[0]]], np.asarray(data[key[1]], np.float32)
+  if not a.checkpoint:
+    raise DataError("give --checkpoint (input embeddings) or --genes GENES.npz from "
+                    "`embed --genes-output`")
+  from genemamba_jax import pretrained  # pylint: disable=g-import-not-at-top
+  model = pretrained.load_pretrained(a.checkpoint)
+  vocab = model.vocab
+  table = np.asarray(model.model.embeddings.embedding[...], np.float32)
+  return vocab.gene_ids, table[vocab.gene_token_ids(vocab.gene_ids)]
+
+
+def _show(frame: pd.DataFrame) -> str:
+  return frame.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m genemamba_jax.evaluate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("integration", help="batch integration metrics (scib) vs PCA / Harmony")
+  p.add_argument("--input", required=True, help=".h5ad with counts and the embedding in obsm")
+  p.add_argument("--embedding", default="X_genemamba", help="obsm key (default X_genemamba)")
+  p.add_argument("--batch-column", required=True)
+  p.add_argument("--label-column", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--layer", default=None, help="counts for the baselines from this layer")
+  p.add_argument("--n-pcs", type=int, default=50)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no-plots", action="store_true", help="skip the UMAP PNGs")
+  p.set_defaults(run=_integration)
+
+  p = sub.add_parser("reconstruction", help="gene rank reconstruction, original and leak-free")
+  p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
+  p.add_argument("--input", required=True, help=".h5ad / 10x input with the cells")
+  p.add_argument("--out", required=True)
+  p.add_argument("--cells", type=int, default=100,
+                 help="random cells to score (the original used 10; <= 0: all)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--max-len", type=int, default=None, help="default: the training length")
+  p.add_argument("--gene-column", default=None)
+  p.add_argument("--gene-map", default=None)
+  p.add_argument("--layer", default=None)
+  p.set_defaults(run=_reconstruction)
+
+  p = sub.add_parser("gene-pairs", help="Gene2Vec pair benchmark on gene embeddings")
+  p.add_argument("--checkpoint", default=None, help="use its input embedding table")
+  p.add_argument("--genes", default=None, help="or an .npz from `embed --genes-output`")
+  p.add_argument("--which", choices=("input", "context"), default="input",
+                 help="with --genes: the input table or the context-averaged states")
+  p.add_argument("--pairs", required=True, help="folder with {split}_text.txt / _label.txt")
+  p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+  p.add_argument("--metric", default="cosine", choices=("cosine", "pearson"))
+  p.add_argument("--gene-map", default=None,
+                 help="symbol -> vocabulary id table when the vocabulary is not symbols")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", required=True)
+  p.set_defaults(run=_gene_pairs)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    lines = args.run(args)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

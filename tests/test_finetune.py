@@ -1,0 +1,148 @@
+"""Cell type annotation on real cells (Kang PBMCs, 5 types) from a model pretrained in the tests."""
+
+import json
+import subprocess
+import sys
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from genemamba_jax.annotation import loop, splits
+from genemamba_jax.annotation.config import default_config
+from genemamba_jax.data.errors import DataError
+from tests.conftest import SHARED_DATA
+
+KANG = "kang_pbmc_ifnb.h5ad"
+
+
+def _config(checkpoint, data, **overrides):
+  c = default_config()
+  c.init_checkpoint = str(checkpoint)
+  c.data.input = str(data)
+  c.label_column = "cell_type"
+  # Faster than the original's protocol on 2 CPU cores, same head and objective:
+  # the top 128 genes, mean pooling, a larger learning rate.
+  c.data.max_len = 128
+  c.pooling = "mean"
+  c.lr = 2e-3
+  c.dropout = 0.1
+  c.batch_size = 32
+  c.epochs = 6
+  c.log_every = 10
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def kang_with_partition(tmp_path_factory, kang_pretrained):
+  """Kang with a `partition` column (the paper's convention) from a stratified split."""
+  adata = anndata.read_h5ad(SHARED_DATA / KANG)
+  labels, _ = splits.encode_labels(adata.obs["cell_type"], "kang")
+  adata.obs["partition"] = splits.stratified_split(labels, 0.0, 0.15, seed=7)
+  path = tmp_path_factory.mktemp("kang") / "kang_partition.h5ad"
+  adata.write_h5ad(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, kang_pretrained, kang_with_partition):
+  workdir = tmp_path_factory.mktemp("annotate")
+  metrics = loop.finetune(_config(kang_pretrained, kang_with_partition,
+                                  split_column="partition"), workdir)
+  return workdir, metrics
+
+
+def test_finetune_reaches_90_percent_on_held_out_kang_cells(annotated):
+  workdir, metrics = annotated
+  assert set(metrics) == {"train", "test"}  # the partition column has no val cells
+  assert metrics["test"]["accuracy"] >= 0.9, metrics
+  assert metrics["test"]["n_cells"] == pytest.approx(0.15 * 1556, abs=5)
+  assert json.loads((workdir / "metrics.json").read_text()) == metrics
+
+
+def test_metrics_equal_scikit_learn_on_the_saved_predictions(annotated, kang_with_partition):
+  workdir, metrics = annotated
+  pred = pd.read_csv(workdir / "predictions.csv")
+  obs = anndata.read_h5ad(kang_with_partition).obs
+  assert list(pred.obs_name) == list(obs.index)  # every cell, input order
+  assert list(pred.split) == list(obs.partition)
+  assert list(pred.true) == list(obs.cell_type.astype(str))
+  for split, scores in metrics.items():
+    rows = pred[pred.split == split]
+    assert scores["accuracy"] == pytest.approx(skm.accuracy_score(rows.true, rows.pred), abs=1e-12)
+    assert scores["macro_f1"] == pytest.approx(
+        skm.f1_score(rows.true, rows.pred, average="macro"), abs=1e-12)
+    assert scores["weighted_precision"] == pytest.approx(
+        skm.precision_score(rows.true, rows.pred, average="weighted", zero_division=0), abs=1e-12)
+    assert scores["weighted_recall"] == pytest.approx(
+        skm.recall_score(rows.true, rows.pred, average="weighted"), abs=1e-12)
+
+
+def test_outputs_h5ad_png_and_a_reloadable_checkpoint(annotated):
+  workdir, _ = annotated
+  png = (workdir / "confusion_matrix.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  out = anndata.read_h5ad(workdir / "predictions.h5ad")
+  pred = pd.read_csv(workdir / "predictions.csv")
+  assert list(out.obs["genemamba_prediction"]) == list(pred.pred)
+  assert out.obsm["X_genemamba"].shape == (1556, 64)
+  # The saved classifier (backbone + head + BatchNorm statistics) predicts the same.
+  model, loaded = loop.load_classifier(workdir)
+  assert loaded.task["classes"] == sorted(pred.true.unique())
+  first = pred.head(64)
+  from genemamba_jax import inference
+  from genemamba_jax.data.readers import AnnDataSource
+  cells, _, _ = inference.tokenize_all(loaded.tokenizer(), AnnDataSource(out[:64]), desc=None)
+  predicted, _, embeddings = loop._predict(model, cells)
+  assert list(np.asarray(loaded.task["classes"])[predicted]) == list(first.pred)
+  np.testing.assert_allclose(embeddings, out.obsm["X_genemamba"][:64], atol=1e-5)
+
+
+def test_integration_of_the_fine_tuned_embeddings(annotated, tmp_path):
+  from genemamba_jax.evaluate import __main__ as evaluate
+  workdir, _ = annotated
+  assert evaluate.main(["integration", "--input", str(workdir / "predictions.h5ad"),
+                        "--batch-column", "patient", "--label-column", "cell_type",
+                        "--out", str(tmp_path), "--no-plots"]) == 0
+  table = pd.read_csv(tmp_path / "metrics.csv", index_col="method")
+  assert list(table.index) == ["genemamba", "pca", "harmony"]
+  assert table[["avg_bio", "avg_batch"]].notna().all().all()
+  # Trained to separate the cell types, the fine-tuned embedding keeps them apart.
+  assert table.loc["genemamba", "asw_label"] > table.loc["pca", "asw_label"]
+
+
+def test_stratified_split_keeps_rare_classes_in_every_split():
+  labels = np.array([0] * 50 + [1] * 3 + [2] * 2 + [-1] * 4)
+  split = splits.stratified_split(labels, 0.1, 0.1, seed=0)
+  assert np.array_equal(split, splits.stratified_split(labels, 0.1, 0.1, seed=0))
+  for cls in (0, 1):
+    assert {"train", "val", "test"} <= set(split[labels == cls])
+  assert set(split[labels == 2]) == {"train"}  # 2 cells: too few to hold one out
+  assert set(split[labels == -1]) == {splits.UNLABELLED}
+  assert np.sum((labels == 0) & (split == "test")) == 5
+
+
+def test_bad_inputs_name_the_field(kang_pretrained, kang_with_partition, tmp_path):
+  with pytest.raises(DataError, match="kang_partition.h5ad: obs has no column 'celltype'"):
+    loop.finetune(_config(kang_pretrained, kang_with_partition, label_column="celltype"),
+                  tmp_path / "a")
+  with pytest.raises(DataError, match="init_checkpoint"):
+    loop.finetune(_config("", kang_with_partition), tmp_path / "b")
+  with pytest.raises(DataError, match="checkpoint not found"):
+    loop.finetune(_config(tmp_path / "nowhere", kang_with_partition), tmp_path / "c")
+  with pytest.raises(DataError, match=r"obs\['sample'\].*not a split"):
+    loop.finetune(_config(kang_pretrained, kang_with_partition, split_column="sample"),
+                  tmp_path / "d")
+
+
+def test_cli_one_line_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "genemamba_jax.finetune", "--config", "configs/annotate.py",
+       "--workdir", str(tmp_path), "--config.data.input=x.h5ad"],
+      capture_output=True, text=True, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith("error: set --config.init_checkpoint")
