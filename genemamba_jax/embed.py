@@ -74,7 +74,8 @@ def embed_source(model: pretrained_lib.Pretrained, source, *, poolings: Sequence
       desc="embedding" if progress else None)
   gene_tokens = vocab.gene_token_ids(vocab.gene_ids)
   table = np.asarray(model.model.embeddings.embedding[...], np.float32)
-  result = EmbedResult(obs_names, out.cells, np.asarray(vocab.gene_ids), table[gene_tokens])
+  result = EmbedResult(np.asarray(obs_names, dtype=str), out.cells, np.asarray(vocab.gene_ids),
+                       table[gene_tokens])
   if gene_context:
     ids, context = out.gene_context()
     names = np.asarray(vocab.id_to_token)

@@ -164,7 +164,7 @@ def build_model(config: GeneMambaConfig, params: Mapping, where: str = "checkpoi
   """GeneMamba(config) holding `params` (a pure dict); DataError names a missing or misshapen array."""
   abstract = nnx.eval_shape(lambda: GeneMamba(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  expected = state.to_pure_dict()
+  expected = nnx.to_pure_dict(state)
   flat_expected = dict(_flatten(expected))
   flat_given = dict(_flatten(params))
   missing = sorted(set(flat_expected) - set(flat_given))

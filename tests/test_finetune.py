@@ -23,14 +23,15 @@ def _config(checkpoint, data, **overrides):
   c.init_checkpoint = str(checkpoint)
   c.data.input = str(data)
   c.label_column = "cell_type"
-  # Faster than the original's protocol on 2 CPU cores, same head and objective:
-  # the top 128 genes, mean pooling, a larger learning rate.
-  c.data.max_len = 128
+  # Cheaper than the original's protocol on 2 CPU cores: the top 256 genes (logistic
+  # regression on which genes they are reaches 0.97 on this split; on the top 128, 0.92),
+  # mean pooling, a linear head on the fully fine-tuned backbone, lr 1e-3, 4 epochs.
+  c.data.max_len = 256
   c.pooling = "mean"
-  c.lr = 2e-3
-  c.dropout = 0.1
+  c.head = "linear"
+  c.lr = 1e-3
   c.batch_size = 32
-  c.epochs = 6
+  c.epochs = 4
   c.log_every = 10
   for key, value in overrides.items():
     c[key] = value
@@ -82,14 +83,21 @@ def test_metrics_equal_scikit_learn_on_the_saved_predictions(annotated, kang_wit
         skm.recall_score(rows.true, rows.pred, average="weighted"), abs=1e-12)
 
 
-def test_outputs_h5ad_png_and_a_reloadable_checkpoint(annotated):
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_outputs_h5ad_png_and_a_reloadable_checkpoint(annotated, kang_pretrained,
+                                                      kang_with_partition, tmp_path, head):
   workdir, _ = annotated
+  if head == "mlp":  # the original's head, with BatchNorm statistics: a few steps suffice
+    workdir = tmp_path
+    loop.finetune(_config(kang_pretrained, kang_with_partition, head="mlp", num_steps=4,
+                          split_column="partition"), workdir)
   png = (workdir / "confusion_matrix.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
   out = anndata.read_h5ad(workdir / "predictions.h5ad")
   pred = pd.read_csv(workdir / "predictions.csv")
   assert list(out.obs["genemamba_prediction"]) == list(pred.pred)
   assert out.obsm["X_genemamba"].shape == (1556, 64)
+  assert list(out.obs["genemamba_split"]) == list(pred.split)
   # The saved classifier (backbone + head + BatchNorm statistics) predicts the same.
   model, loaded = loop.load_classifier(workdir)
   assert loaded.task["classes"] == sorted(pred.true.unique())

@@ -132,8 +132,8 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
           "init_checkpoint": str(base.checkpoint.step_dir), "num_steps": num_steps}
   pretrained_lib.write_run_files(workdir, backbone.config, base.vocab, base.medians,
                                  {**base.tokenize, "cls": True, "max_len": max_len}, task)
-  params = {"backbone": nnx.state(backbone, nnx.Param).to_pure_dict(),
-            "head": nnx.state(head, nnx.Any(nnx.Param, nnx.BatchStat)).to_pure_dict()}
+  params = {"backbone": nnx.to_pure_dict(nnx.state(backbone, nnx.Param)),
+            "head": nnx.to_pure_dict(nnx.state(head, nnx.Any(nnx.Param, nnx.BatchStat)))}
   with Checkpointer(workdir / "checkpoints", keep=1, save_every=max(num_steps, 1)) as ckpt:
     ckpt.save(num_steps, {"params": params}, force=True)
   return metrics
@@ -150,7 +150,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[CellTypeClassifier, pretra
                         dropout=task["dropout"], negative_slope=task["negative_slope"],
                         rngs=nnx.Rngs(0))
   state = nnx.state(head, nnx.Any(nnx.Param, nnx.BatchStat))
-  nnx.replace_by_pure_dict(state, pretrained_lib.select_like(loaded.head, state.to_pure_dict()))
+  nnx.replace_by_pure_dict(state, pretrained_lib.select_like(loaded.head, nnx.to_pure_dict(state)))
   nnx.update(head, state)
   model = CellTypeClassifier(loaded.model, head, task["pooling"])
   model.eval()
