@@ -47,7 +47,9 @@ def _md(frame: pd.DataFrame, digits: int = 4) -> str:
   """A markdown table (pandas' to_markdown needs `tabulate`, which is not a dependency)."""
   def cell(v):
     if isinstance(v, float):
-      return "n/a" if np.isnan(v) else f"{v:.{digits}f}"
+      if np.isnan(v):
+        return "n/a"
+      return f"{int(v)}" if v.is_integer() and abs(v) >= 10 else f"{v:.{digits}f}"
     return str(v)
   names = frame.index.names if any(frame.index.names) else [""]
   lines = ["| " + " | ".join([*map(str, names), *frame.columns]) + " |",
