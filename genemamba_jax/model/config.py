@@ -8,7 +8,7 @@ from typing import Literal
 
 MIXERS = ("mamba1", "mamba2")
 COMBINES = ("mean", "sum", "concat", "gate")
-SCAN_BACKENDS = ("sequential", "associative", "chunked")
+SCAN_BACKENDS = ("sequential", "associative", "chunked", "pallas", "pallas_interpret", "auto")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -52,7 +52,9 @@ class GeneMambaConfig:
   pad_id: int = 0
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
   # chunked: fastest and smallest on CPU for training (bench/RESULTS.md); see README.
-  scan_backend: Literal["sequential", "associative", "chunked"] = "chunked"
+  # auto: the Pallas kernel on GPU (Mamba-1), chunked elsewhere; see ops/selective_scan.py
+  scan_backend: Literal["sequential", "associative", "chunked", "pallas", "pallas_interpret",
+                        "auto"] = "auto"
   scan_chunk_size: int = 64  # for the chunked backend
   remat: bool = False  # recompute each layer's activations in the backward pass
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("sequential", "associative", "chunked")
+BACKENDS = ("sequential", "associative", "chunked")  # the XLA backends, on every platform
+# What a model config may name: the XLA backends, the Pallas kernel (GPU; `pallas_interpret` runs
+# it in Pallas's interpreter, for tests on CPU), and `auto`, resolved per platform and op.
+SELECTABLE = (*BACKENDS, "pallas", "pallas_interpret", "auto")
 
 
 def get_backend(registry: Mapping[str, Callable], backend: str) -> Callable:
@@ -22,6 +27,13 @@ def get_backend(registry: Mapping[str, Callable], backend: str) -> Callable:
     raise ValueError(
         f"unknown scan backend {backend!r}; valid backends: "
         f"{', '.join(sorted(registry))}") from None
+
+
+@functools.cache
+def log_fallback(wanted: str, used: str, reason: str) -> None:
+  """Logs once per (wanted, used, reason) that a backend was replaced, and why."""
+  logging.getLogger("genemamba_jax.ops").warning("scan backend %s unavailable (%s); using %s",
+                                                 wanted, reason, used)
 
 
 def linear_combine(left, right):

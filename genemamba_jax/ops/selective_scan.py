@@ -111,10 +111,32 @@ def _chunked(x, dt, A, B, C, chunk_size, inner=None):
   return scan_utils.from_chunks(y)[:, :length]
 
 
+def _pallas(x, dt, A, B, C, chunk_size, interpret=False):
+  """The Pallas kernel (ops/pallas_scan.py) where it compiles; else `chunked`, with the reason logged."""
+  from genemamba_jax.ops import pallas_scan  # pylint: disable=g-import-not-at-top
+  if not interpret:
+    usable, reason = pallas_scan.pallas_available()
+    if not usable:
+      scan_utils.log_fallback("pallas", "chunked", reason)
+      return _chunked(x, dt, A, B, C, chunk_size)
+  return pallas_scan.selective_scan_pallas(x, dt, A, B, C, chunk_size, interpret=interpret)
+
+
+def _auto(x, dt, A, B, C, chunk_size):
+  """GPU: the Pallas kernel. CPU/TPU: `chunked`, the fastest XLA backend measured for
+  training there (forward+backward, bench/RESULTS.md), with bounded memory."""
+  if jax.default_backend() in ("gpu", "cuda", "rocm"):
+    return _pallas(x, dt, A, B, C, chunk_size)
+  return _chunked(x, dt, A, B, C, chunk_size)
+
+
 _IMPLS = {
     "sequential": _sequential,
     "associative": _associative,
     "chunked": _chunked,
+    "pallas": _pallas,
+    "pallas_interpret": lambda *args: _pallas(*args, interpret=True),
+    "auto": _auto,
 }
 
 
@@ -135,9 +157,12 @@ def selective_scan(x, dt, A, B, C, D=None, *, backend="associative",
     B: [batch, L, N], compute dtype.
     C: [batch, L, N], compute dtype.
     D: [d] or None, skip connection.
-    backend: one of `BACKENDS` ("sequential", "associative", "chunked").
-    chunk_size: time steps per chunk (chunked backend only); L need not be a
-      multiple of it.
+    backend: one of `scan_utils.SELECTABLE`: "sequential", "associative",
+      "chunked", "pallas" (GPU kernel; elsewhere falls back to chunked with a
+      logged reason), "pallas_interpret" (the kernel in Pallas's interpreter)
+      or "auto" (pallas on GPU, chunked on CPU/TPU).
+    chunk_size: time steps per chunk (chunked and Pallas backends); L need not
+      be a multiple of it.
 
   Returns:
     y: [batch, L, d] in x.dtype, accumulated in float32.

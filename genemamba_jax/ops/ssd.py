@@ -120,10 +120,22 @@ def _chunked(x, dt, A, B, C, chunk_size):
   return scan_utils.from_chunks(y)[:, :length]
 
 
+def _no_kernel(x, dt, A, B, C, chunk_size):
+  """Mamba-2 has no Pallas kernel: its chunked SSD form is already matmuls, which XLA runs
+  on tensor cores; `auto` and `pallas` take it."""
+  if jax.default_backend() in ("gpu", "cuda", "rocm"):
+    scan_utils.log_fallback("pallas (Mamba-2 ssd)", "chunked",
+                            "the SSD has no Pallas kernel; its chunked form is matmuls")
+  return _chunked(x, dt, A, B, C, chunk_size)
+
+
 _IMPLS = {
     "sequential": _sequential,
     "associative": _associative,
     "chunked": _chunked,
+    "pallas": _no_kernel,
+    "pallas_interpret": _no_kernel,
+    "auto": _chunked,
 }
 
 
@@ -141,7 +153,8 @@ def ssd(x, dt, A, B, C, D=None, *, backend="associative", chunk_size=64):
       h // (H // G).
     C: [batch, L, G, N], compute dtype.
     D: [H] or None, skip connection.
-    backend: one of `BACKENDS` ("sequential", "associative", "chunked").
+    backend: one of `scan_utils.SELECTABLE`; "auto" and "pallas" are "chunked"
+      (no Pallas kernel for the SSD).
     chunk_size: time steps per chunk (chunked backend only); L need not be a
       multiple of it.
 

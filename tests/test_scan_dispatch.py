@@ -1,0 +1,70 @@
+"""Backend dispatch: `pallas` through the whole model (interpret mode on CPU), `auto`, fallbacks."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from genemamba_jax.model import GeneMamba, GeneMambaConfig
+from genemamba_jax.ops import scan_utils, selective_scan, ssd
+
+
+def _model_grads(backend: str, mixer: str = "mamba1"):
+  config = GeneMambaConfig(vocab_size=40, d_model=16, n_layers=2, mixer=mixer, d_state=16,
+                           headdim=8, scan_backend=backend, scan_chunk_size=8)
+  model = GeneMamba(config, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 21), 1, 40)
+  mask = jnp.arange(21)[None] < jnp.array([[21], [13]])  # one padded row
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params):
+    out = nnx.merge(graphdef, params)(tokens, mask)
+    return jnp.sum(jnp.where(mask[..., None], out.logits, 0.0) ** 2) / 100
+
+  value, grads = jax.value_and_grad(loss)(params)
+  return value, jax.tree.leaves(grads)
+
+
+def test_grad_through_bimamba_layers_with_the_pallas_kernel_matches_the_reference():
+  ref_value, ref_grads = _model_grads("sequential")
+  value, grads = _model_grads("pallas_interpret")
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    scale = max(1.0, float(jnp.max(jnp.abs(r))))
+    np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(r) / scale, atol=1e-5)
+
+
+def _inputs(key, b=2, length=19, d=12, n=16):
+  ks = jax.random.split(key, 5)
+  x = jax.random.normal(ks[0], (b, length, d))
+  dt = jax.nn.softplus(0.5 * jax.random.normal(ks[1], (b, length, d)) - 2)
+  a = -jnp.exp(jax.random.normal(ks[2], (d, n)))
+  return x, dt, a, jax.random.normal(ks[3], (b, length, n)), jax.random.normal(ks[4], (b, length, n))
+
+
+def test_auto_is_chunked_on_cpu_and_pallas_falls_back_with_a_logged_reason(caplog):
+  args = _inputs(jax.random.key(0))
+  chunked = selective_scan(*args, backend="chunked", chunk_size=8)
+  np.testing.assert_array_equal(selective_scan(*args, backend="auto", chunk_size=8), chunked)
+  scan_utils.log_fallback.cache_clear()
+  with caplog.at_level(logging.WARNING, logger="genemamba_jax.ops"):
+    fallback = selective_scan(*args, backend="pallas", chunk_size=8)
+  np.testing.assert_array_equal(fallback, chunked)
+  assert "scan backend pallas unavailable (platform cpu" in caplog.text
+  assert "using chunked" in caplog.text
+
+
+def test_mamba2_auto_is_the_chunked_ssd():
+  ks = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(ks[0], (1, 17, 4, 8))
+  dt = jax.nn.softplus(jax.random.normal(ks[1], (1, 17, 4)) - 2)
+  a = -jnp.exp(jax.random.normal(ks[2], (4,)))
+  b, c = (jax.random.normal(k, (1, 17, 1, 16)) for k in ks[3:])
+  np.testing.assert_array_equal(ssd(x, dt, a, b, c, backend="auto", chunk_size=8),
+                                ssd(x, dt, a, b, c, backend="chunked", chunk_size=8))
+
+
+def test_the_model_default_is_auto():
+  assert GeneMambaConfig().scan_backend == "auto"
