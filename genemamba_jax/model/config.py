@@ -8,6 +8,8 @@ from typing import Literal
 
 MIXERS = ("mamba1", "mamba2")
 COMBINES = ("mean", "sum", "concat", "gate")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
 SCAN_BACKENDS = ("sequential", "associative", "chunked", "pallas", "pallas_interpret", "auto")
 DTYPES = ("float32", "bfloat16")
 
@@ -57,6 +59,12 @@ class GeneMambaConfig:
                         "auto"] = "auto"
   scan_chunk_size: int = 64  # for the chunked backend
   remat: bool = False  # recompute each layer's activations in the backward pass
+  # What a remat'ed layer keeps for the backward (a jax.checkpoint_policies name):
+  # nothing_saveable recomputes the whole layer (least memory); dots_saveable keeps matmul
+  # outputs (less recompute, O(B*L*d_inner) more per layer); everything_saveable = no remat.
+  remat_policy: Literal["nothing_saveable", "dots_saveable",
+                        "dots_with_no_batch_dims_saveable", "everything_saveable"] = (
+                            "nothing_saveable")
 
   def __post_init__(self):
     def fail(msg):
@@ -67,6 +75,8 @@ class GeneMambaConfig:
       fail(f"combine={self.combine!r}; use one of {COMBINES}")
     if self.scan_backend not in SCAN_BACKENDS:
       fail(f"scan_backend={self.scan_backend!r}; use one of {SCAN_BACKENDS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      fail(f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}")
     if self.streams not in ("mixed", "separate"):
       fail(f"streams={self.streams!r}; use 'mixed' or 'separate'")
     if self.dtype not in DTYPES:

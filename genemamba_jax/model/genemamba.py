@@ -87,7 +87,7 @@ class GeneMamba(nnx.Module):
       return layer(x, reverse_index, aggr)
 
     if self.config.remat:
-      apply = nnx.remat(apply)
+      apply = nnx.remat(apply, policy=self._remat_policy())
 
     @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry)
     def run_layers(layer, x, reverse_index, aggr):
@@ -112,7 +112,7 @@ class GeneMamba(nnx.Module):
       return layer.streams(*carry, reverse_index)
 
     if self.config.remat:
-      apply = nnx.remat(apply)
+      apply = nnx.remat(apply, policy=self._remat_policy())
 
     @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
     def run_layers(layer, carry, reverse_index):
@@ -139,6 +139,9 @@ class GeneMamba(nnx.Module):
     following = jnp.where(next_valid[..., None], following, 0.0)
     next_hidden = self.norm_f(self.aggr(previous, following)).astype(jnp.float32)
     return next_hidden, self.norm_f(self.aggr(forward, backward)).astype(jnp.float32)
+
+  def _remat_policy(self):
+    return getattr(jax.checkpoint_policies, self.config.remat_policy)
 
   def _mask(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
     return tokens != self.config.pad_id if mask is None else mask.astype(bool)
