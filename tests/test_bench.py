@@ -1,0 +1,73 @@
+"""The train-step benchmark CLI (`python -m genemamba_jax.bench`) and the PyTorch peers."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genemamba_jax import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--d-model", "32", "--seq-len", "64", "--batch", "2", "--vocab", "100"]
+
+
+def test_train_step_cli_ends_with_tokens_per_s():
+  proc = subprocess.run(
+      [sys.executable, "-m", "genemamba_jax.bench", "train-step", *TINY, "--layers", "1",
+       "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr
+  last = proc.stdout.strip().splitlines()[-1]
+  match = re.fullmatch(r"tokens_per_s=(\d+(?:\.\d+)?)", last)
+  assert match and float(match.group(1)) > 0, proc.stdout
+
+
+def test_compile_time_prints_a_line_per_depth(capsys):
+  bench.main(["compile-time", *TINY, "--mixer", "mamba1", "--layers", "1", "2"])
+  rows = re.findall(r"^\| (\d+) \| (\d+\.\d+) \|$", capsys.readouterr().out, re.MULTILINE)
+  assert [int(depth) for depth, _ in rows] == [1, 2]
+  assert all(float(seconds) > 0 for _, seconds in rows)
+
+
+@pytest.mark.parametrize("args", [
+    [],  # no subcommand
+    ["train-step", "--mixer", "mamba3"],
+    ["train-step", "--layers", "0"],
+    ["train-step", "--dtype", "float16"],
+    ["train-step", "--backend", "cuda"],
+    ["train-step", "--vocab", "4"],
+    ["train-step", "--d-model", "16"],  # mamba2: d_inner 32 is not a multiple of headdim 64
+    ["compile-time", "--layers"],
+])
+def test_bad_arguments_are_argparse_errors(args, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(args)
+  assert exit_info.value.code == 2
+  assert "error:" in capsys.readouterr().err
+
+
+def _torch_peers():
+  pytest.importorskip("torch", reason="the PyTorch peers need torch (pip install -e .[test])")
+  spec = importlib.util.spec_from_file_location("torch_peers", ROOT / "bench" / "torch_peers.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("mixer, package, d_state", [("mamba2", "transformers", 16),
+                                                      ("mamba1", "mambapy", 8)])
+def test_torch_peer_runs_a_train_step(mixer, package, d_state):
+  peers = _torch_peers()
+  pytest.importorskip(package, reason=f"the {mixer} peer needs {package} (pip install -e .[test])")
+  tokens_per_s = peers.torch_tokens_per_s(mixer, d_model=32, layers=1, seq_len=64, batch=2,
+                                          vocab=100, d_state=d_state, steps=1)
+  assert tokens_per_s > 0
+  # The layout: the layer is x + (mixer(x) + flip(mixer(flip(x)))) / 2 with one mixer.
+  import torch  # pylint: disable=g-import-not-at-top
+  layer = peers.BiMambaLayer(peers.make_mixer(mixer, 32, d_state))
+  x = torch.randn(2, 8, 32)
+  with torch.no_grad():
+    want = x + (layer.mixer(x) + layer.mixer(x.flip(1)).flip(1)) / 2
+    torch.testing.assert_close(layer(x), want)

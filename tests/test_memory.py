@@ -1,0 +1,56 @@
+"""The default training path keeps no [B, L, d_inner, N] tensor.
+
+The real train step (`genemamba_jax.bench.build_train_step`: default objective,
+the model's default scan backend, i.e. chunked on CPU, AdamW) is lowered and
+compiled for state sizes N = 16, 32, 64, and XLA's buffer plan
+(`memory_analysis().temp_size_in_bytes`) is compared: keeping one
+[B, L, d_inner, N] float32 activation per layer would add
+n_layers * B * L * d_inner * dN * 4 bytes; the measured growth must stay below
+a quarter of that. Nothing is allocated or run, only compiled.
+
+Legitimate N-dependent buffers remain and set the sizes here: O(B * L * N)
+tensors (B and C, the in_proj and conv outputs and their gradients, a few
+dozen per layer), the chunk boundary states [L / chunk, B, d_inner, N] and one
+chunk's recomputation [chunk, B, d_inner, N] in the backward. At d_model 64
+and L 256 these are as large as the tensor the test looks for (measured growth
+of 40-90% of it for both mixers), so it could not tell them apart. With
+d_inner 512 and L 4096 they are 10-15% of it, while the sequential backend,
+which does keep every step's state, grows by about 9 times it.
+"""
+
+import itertools
+
+import jax
+import pytest
+
+from genemamba_jax import bench
+from genemamba_jax.model import GeneMambaConfig
+
+D_MODEL, LAYERS, SEQ_LEN, BATCH, VOCAB = 256, 2, 4096, 2, 100
+STATES = (16, 32, 64)
+
+
+def temp_bytes(mixer: str, d_state: int) -> int:
+  """Planned temporary bytes of the compiled train step for this state size."""
+  config = bench.model_config(mixer, D_MODEL, LAYERS, VOCAB, d_state)
+  train_step, state = bench.build_train_step(config, abstract=True)
+  batch = {"tokens": jax.ShapeDtypeStruct((BATCH, SEQ_LEN), "int32"),
+           "mask": jax.ShapeDtypeStruct((BATCH, SEQ_LEN), "bool")}
+  compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_train_step_memory_has_no_length_by_inner_by_state_tensor(mixer):
+  config = bench.model_config(mixer, D_MODEL, LAYERS, VOCAB, STATES[0])
+  # The default training path: the model's default backend ("auto": chunked on CPU), no remat.
+  assert config.scan_backend == GeneMambaConfig.scan_backend and not config.remat
+  temps = {n: temp_bytes(mixer, n) for n in STATES}
+  assert temps[STATES[0]] > 0
+  for low, high in itertools.pairwise(STATES):
+    kept = LAYERS * BATCH * SEQ_LEN * config.d_inner * (high - low) * 4
+    growth = temps[high] - temps[low]
+    assert growth < 0.25 * kept, (
+        f"{mixer}: N {low} -> {high} adds {growth / 2**20:.1f} MiB of temporaries, "
+        f">= 25% of the {kept / 2**20:.0f} MiB one [B, L, d_inner, N] tensor per layer "
+        f"would add; temps by N: {temps}")
