@@ -9,8 +9,7 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture
-def shared_data() -> Path:
+def _require_shared_data() -> Path:
   """Path of the shared real-data folder; skips (fails on CI) when missing."""
   if not SHARED_DATA.is_dir():
     reason = (f"shared test data not found at {SHARED_DATA}; it is expected "
@@ -21,14 +20,10 @@ def shared_data() -> Path:
   return SHARED_DATA
 
 
-def _require_shared_data() -> Path:
-  if not SHARED_DATA.is_dir():
-    reason = (f"shared test data not found at {SHARED_DATA}; it is expected "
-              "beside the project root as ../shared/data")
-    if os.environ.get("CI", "").lower() == "true":
-      pytest.fail(reason)
-    pytest.skip(reason)
-  return SHARED_DATA
+@pytest.fixture
+def shared_data() -> Path:
+  """Path of the shared real-data folder; skips (fails on CI) when missing."""
+  return _require_shared_data()
 
 
 @pytest.fixture(scope="session")

@@ -86,29 +86,28 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
   # --- training: one padded length for every batch (one compiled shape)
   length = inference.bucket_length(max(len(s) for s in sentences), 1 << 30)
-  log = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-  rng = np.random.default_rng(c.seed)
-  order = np.zeros((0,), np.int64)
-  model.train()
-  progress = tqdm(range(num_steps), desc="fine-tuning", unit="step")
-  for step in progress:
-    if len(order) < batch_size:  # a new epoch: reshuffle; the remainder is dropped (BatchNorm)
-      order = rng.permutation(train_idx)
-    rows, order = order[:batch_size], order[batch_size:]
-    tokens, mask = _pad([sentences[i] for i in rows], length, backbone.config.pad_id)
-    loss, accuracy = train_step(model, optimizer, tokens, mask, jnp.asarray(labels[rows]), weights)
-    if (step + 1) % c.log_every == 0 or step + 1 == num_steps:
-      record = {"step": step + 1, "loss": float(loss), "train_batch_accuracy": float(accuracy)}
-      if c.eval_every and (step + 1) % c.eval_every == 0 and np.any(split == "val"):
-        model.eval()
-        val = np.flatnonzero(split == "val")
-        pred, _, _ = _predict(model, [sentences[i] for i in val])
-        record["val_accuracy"] = float(np.mean(pred == labels[val]))
-        model.train()
-      log.write(json.dumps(record) + "\n")
-      log.flush()
-      progress.set_postfix(loss=f"{record['loss']:.3f}")
-  log.close()
+  with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as log:
+    rng = np.random.default_rng(c.seed)
+    order = np.zeros((0,), np.int64)
+    model.train()
+    progress = tqdm(range(num_steps), desc="fine-tuning", unit="step")
+    for step in progress:
+      if len(order) < batch_size:  # a new epoch: reshuffle; the remainder is dropped (BatchNorm)
+        order = rng.permutation(train_idx)
+      rows, order = order[:batch_size], order[batch_size:]
+      tokens, mask = _pad([sentences[i] for i in rows], length, backbone.config.pad_id)
+      loss, accuracy = train_step(model, optimizer, tokens, mask, jnp.asarray(labels[rows]), weights)
+      if (step + 1) % c.log_every == 0 or step + 1 == num_steps:
+        record = {"step": step + 1, "loss": float(loss), "train_batch_accuracy": float(accuracy)}
+        if c.eval_every and (step + 1) % c.eval_every == 0 and np.any(split == "val"):
+          model.eval()
+          val = np.flatnonzero(split == "val")
+          pred, _, _ = _predict(model, [sentences[i] for i in val])
+          record["val_accuracy"] = float(np.mean(pred == labels[val]))
+          model.train()
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        progress.set_postfix(loss=f"{record['loss']:.3f}")
 
   # --- predictions for every cell, scores and outputs
   model.eval()
