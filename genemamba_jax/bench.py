@@ -2,7 +2,7 @@
 
     python -m genemamba_jax.bench train-step --mixer mamba2 --d-model 128 --layers 4 \
         --seq-len 512 --batch 8 --vocab 2000 [--d-state N] [--steps 10] [--backend auto] \
-        [--dtype float32] [--remat]
+        [--dtype float32] [--remat] [--unroll-layers]
     python -m genemamba_jax.bench compile-time --layers 12 24 48 [--mixer mamba2 ...]
 
 `train-step` times the real training step (`genemamba_jax.train.step.make_train_step`:
@@ -41,7 +41,7 @@ FIRST_GENE_ID = 4
 def model_config(mixer: str = "mamba2", d_model: int = 128, layers: int = 4, vocab: int = 2000,
                  d_state: int | None = None, backend: str | None = None,
                  dtype: str = "float32", remat: bool = False, chunk_size: int = 64,
-                 objective: str = "next_gene") -> GeneMambaConfig:
+                 objective: str = "next_gene", unroll_layers: bool = False) -> GeneMambaConfig:
   """The GeneMamba the benchmark trains: mean combination, untied head with bias.
 
   The streams layout is the one `objective` trains (separate for next_gene),
@@ -51,7 +51,7 @@ def model_config(mixer: str = "mamba2", d_model: int = 128, layers: int = 4, voc
   config = GeneMambaConfig(
       vocab_size=vocab, d_model=d_model, n_layers=layers, mixer=mixer, d_state=d_state,
       combine="mean", streams=objectives.model_streams_for(objective),
-      scan_chunk_size=chunk_size, remat=remat, dtype=dtype)
+      scan_chunk_size=chunk_size, remat=remat, dtype=dtype, unroll_layers=unroll_layers)
   return config if backend is None else config.replace(scan_backend=backend)
 
 
@@ -110,7 +110,8 @@ def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
                     seq_len: int = 512, batch: int = 8, vocab: int = 2000,
                     d_state: int | None = None, steps: int = 10, warmup: int = 2,
                     backend: str | None = None, dtype: str = "float32", remat: bool = False,
-                    chunk_size: int = 64, objective: str = "next_gene", seed: int = 0) -> dict:
+                    chunk_size: int = 64, objective: str = "next_gene", seed: int = 0,
+                    unroll_layers: bool = False) -> dict:
   """Compiles the train step, runs `warmup` steps, then times `steps` steps.
 
   Returns:
@@ -121,7 +122,7 @@ def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
   if steps < 1 or warmup < 0:
     raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
   config = model_config(mixer, d_model, layers, vocab, d_state, backend, dtype, remat,
-                        chunk_size, objective)
+                        chunk_size, objective, unroll_layers)
   train_step, state = build_train_step(config, objective, warmup + steps, seed)
   data = random_batch(batch, seq_len, vocab, seed)
   t0 = time.perf_counter()
@@ -146,12 +147,13 @@ def compile_seconds(layers: Sequence[int], mixer: str = "mamba2", d_model: int =
                     seq_len: int = 512, batch: int = 8, vocab: int = 2000,
                     d_state: int | None = None, backend: str | None = None,
                     dtype: str = "float32", remat: bool = False, chunk_size: int = 64,
-                    objective: str = "next_gene") -> dict[int, float]:
+                    objective: str = "next_gene", unroll_layers: bool = False
+                    ) -> dict[int, float]:
   """{depth: lower + compile seconds of the train step} for each depth in `layers`."""
   out = {}
   for n in layers:
     config = model_config(mixer, d_model, n, vocab, d_state, backend, dtype, remat, chunk_size,
-                          objective)
+                          objective, unroll_layers)
     out[n] = lower_and_compile(config, seq_len, batch, objective)[1]
   return out
 
@@ -181,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument("--chunk-size", type=_positive, default=64, help="for --backend chunked")
   common.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
   common.add_argument("--remat", action="store_true", help="recompute layers in the backward")
+  common.add_argument("--unroll-layers", action="store_true",
+                      help="unroll the loop over layers (faster on CPU; compile grows with depth)")
   common.add_argument("--objective", choices=objectives.OBJECTIVES, default="next_gene")
   step = commands.add_parser("train-step", parents=[common], help="time training steps")
   step.add_argument("--layers", type=_positive, default=4)
@@ -202,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   sizes = {"mixer": args.mixer, "d_model": args.d_model, "seq_len": args.seq_len,
            "batch": args.batch, "vocab": args.vocab, "d_state": args.d_state,
            "backend": args.backend, "dtype": args.dtype, "remat": args.remat,
-           "chunk_size": args.chunk_size, "objective": args.objective}
+           "chunk_size": args.chunk_size, "objective": args.objective,
+           "unroll_layers": args.unroll_layers}
   try:
     probe = model_config(args.mixer, args.d_model, 1, args.vocab, args.d_state, args.backend,
                          args.dtype, args.remat, args.chunk_size, args.objective)

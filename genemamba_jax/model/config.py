@@ -59,6 +59,11 @@ class GeneMambaConfig:
                         "auto"] = "auto"
   scan_chunk_size: int = 64  # for the chunked backend
   remat: bool = False  # recompute each layer's activations in the backward pass
+  # Layers run under a scan (compile time flat in depth). unroll_layers=True unrolls that
+  # loop: XLA then keeps each layer's activations in its own buffer instead of stacking them
+  # into [n_layers, ...] arrays, which on CPU makes a 4-layer train step ~20% faster
+  # (bench/RESULTS.md) but makes compile time grow with depth. Same parameters either way.
+  unroll_layers: bool = False
   # What a remat'ed layer keeps for the backward (a jax.checkpoint_policies name):
   # nothing_saveable recomputes the whole layer (least memory); dots_saveable keeps matmul
   # outputs (less recompute, O(B*L*d_inner) more per layer); everything_saveable = no remat.

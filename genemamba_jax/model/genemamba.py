@@ -2,7 +2,8 @@
 
 The layers are created stacked (`nnx.vmap`, one leading "layers" axis on every
 parameter) and applied with `nnx.scan`, so compile time does not grow with
-depth; `config.remat` recomputes each layer in the backward pass. The residual
+depth (`config.unroll_layers` unrolls it: faster on CPU, compile time grows
+with depth); `config.remat` recomputes each layer in the backward pass. The residual
 stream is float32; mixers compute in `config.dtype`.
 """
 
@@ -89,7 +90,8 @@ class GeneMamba(nnx.Module):
     if self.config.remat:
       apply = nnx.remat(apply, policy=self._remat_policy())
 
-    @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry)
+    @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry,
+              unroll=self.config.unroll_layers)
     def run_layers(layer, x, reverse_index, aggr):
       return apply(layer, x, reverse_index, aggr)
 
@@ -114,7 +116,8 @@ class GeneMamba(nnx.Module):
     if self.config.remat:
       apply = nnx.remat(apply, policy=self._remat_policy())
 
-    @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
+    @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry,
+              unroll=self.config.unroll_layers)
     def run_layers(layer, carry, reverse_index):
       return apply(layer, carry, reverse_index)
 

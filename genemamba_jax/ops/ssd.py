@@ -11,12 +11,12 @@ Backends, all with a float32 state:
   associative  `lax.associative_scan` over (decay, input) pairs; the decay
                stays [.., H, 1, 1] so combines are cheap, but inputs and
                states are materialised as [b, L, H, P, N].
-  chunked      the SSD matmul form (mamba_ssm `ssd_minimal_discrete`): within
-               a chunk, y = (C B^T * exp(segsum(A dt))) (dt x) plus the carried
-               state read out through C; a `lax.scan` over chunks carries the
-               state, `jax.checkpoint` per chunk keeps only boundary states
-               [L / chunk, b, H, P, N] and O(b*L*H*P) activations for the
-               backward.
+  chunked      the SSD matmul form (mamba_ssm `ssd_minimal_discrete`), all
+               chunks at once: within a chunk, y = (C B^T * exp(cum_i - cum_j))
+               (dt x) plus the entering state read out through C; the states
+               entering the chunks come from one [chunks, chunks] matmul. The
+               backward keeps O(b*L*H*T) decay matrices and per-chunk states
+               [b, L / T, H, P, N], never a per-step state.
 
 The chunked einsums use JAX's default matmul precision: exact float32 on CPU
 (the tests), TF32 on recent GPUs unless run under
@@ -63,61 +63,81 @@ def _associative(x, dt, A, B, C, chunk_size):
   return jnp.einsum("blhpn,blhn->blhp", h, C)
 
 
-def segsum(a):
-  """Segment sums: out[..., i, j] = sum_{k=j+1}^{i} a[..., k] for i >= j, else 0.
+def _inclusive_cumsum(a, axis_len):
+  """Cumulative sum over the last axis of a [..., T] as a matmul with a triangular matrix.
 
-  Summing masked entries (not cumsum differences) keeps it exact for long,
-  strongly decaying chunks. exp(segsum) is only meaningful where i >= j; the
-  caller masks the rest.
-
-  Args:
-    a: [..., T].
-  Returns:
-    [..., T, T].
+  XLA:CPU lowers `jnp.cumsum` to a reduce-window, O(T^2) scalar work per row
+  that profiled at ~5% of a train step; a [T, T] matmul runs on the matmul
+  library instead. HIGHEST precision keeps it float32-exact on GPUs (no TF32).
   """
-  t = a.shape[-1]
-  strict_lower = jnp.tril(jnp.ones((t, t), bool), -1)
-  rows = jnp.where(strict_lower, a[..., :, None], 0.0)  # rows[i, j] = a[i], i > j
-  return jnp.cumsum(rows, axis=-2)
+  tri = jnp.tril(jnp.ones((axis_len, axis_len), jnp.float32))
+  return jnp.einsum("...j,ij->...i", a, tri, precision=jax.lax.Precision.HIGHEST)
+
+
+def _decay_matrix(ends, starts, strict=False):
+  """exp(ends[i] - starts[j]) for j <= i (j < i if strict), else 0: [..., T] x2 -> [..., T, T].
+
+  The masked entries are exp(-inf) = 0 rather than a select after the exp, so
+  they neither overflow nor put NaNs in the gradient. Differences of float32
+  cumulative sums are what mamba_ssm's chunk-scan kernel uses too; the error is
+  ~1e-7 of the chunk's total log-decay.
+  """
+  t = ends.shape[-1]
+  keep = jnp.tril(jnp.ones((t, t), bool), -1 if strict else 0)
+  return jnp.exp(jnp.where(keep, ends[..., :, None] - starts[..., None, :], -jnp.inf))
 
 
 def _chunked(x, dt, A, B, C, chunk_size):
+  """The SSD matmul form, all chunks at once (mamba_ssm `ssd_minimal_discrete`).
+
+  Within a chunk of T steps, for head h in group g:
+
+    y_diag[i] = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
+    state     = sum_j exp(cum_T - cum_j) dt_j x_j (outer) B_j      ([P, N] per chunk)
+
+  then the state entering each chunk is a decayed sum of the earlier chunks'
+  states (a [c, c] matmul over chunks), read out as y_off[i] = exp(cum_i) C_i . h0.
+  Everything is batched matmuls over [b, chunks, heads]; no loop, so XLA keeps
+  no stacked per-iteration buffers. Saved for the backward: the [b, c, H, T, T]
+  decay and C.B matrices (b L H T floats, like one [b, L, d_inner] activation
+  at T = P) and the chunk states [b, c, H, P, N] (1/T of a [b, L, d_inner, N]
+  tensor), never a per-step state.
+
+  Shapes: x [b, L, H, P], dt [b, L, H], A [H], B/C [b, L, G, N], all float32.
+  """
   scan_utils.check_chunk_size(chunk_size)
   b, length, n_heads, p = x.shape
   g, n = B.shape[2:]
   k = n_heads // g
   t = chunk_size
-  (x, dt, B, C), _ = scan_utils.pad_time([x, dt, B, C], chunk_size)
-  causal = jnp.tril(jnp.ones((t, t), bool))
+  (x, dt, B, C), c = scan_utils.pad_time([x, dt, B, C], t)
+  # Head-major chunks, so every einsum below has its batch axes leading.
+  x = x.reshape(b, c, t, n_heads, p).transpose(0, 1, 3, 2, 4)  # [b, c, H, T, P]
+  dt = dt.reshape(b, c, t, n_heads).transpose(0, 1, 3, 2)  # [b, c, H, T]
+  B = B.reshape(b, c, t, g, n).transpose(0, 1, 3, 2, 4)  # [b, c, G, T, N]
+  C = C.reshape(b, c, t, g, n).transpose(0, 1, 3, 2, 4)
+  cum = _inclusive_cumsum(dt * A[:, None], t)  # [b, c, H, T] log-decay from the chunk start
+  xdt = x * dt[..., None]  # [b, c, H, T, P]
 
-  def chunk(h0, xs):
-    """h0: [b, H, P, N]; xs: one chunk, x [b, T, H, P], dt [b, T, H], B/C [b, T, G, N]."""
-    x_c, dt_c, b_c, c_c = xs
-    log_decay = dt_c * A  # [b, T, H]
-    cum = jnp.cumsum(log_decay, axis=1)  # [b, T, H]
-    xdt = (x_c * dt_c[..., None]).reshape(b, t, g, k, p)
-    # Intra-chunk (diagonal block): y_l = sum_{s<=l} C_l.B_s * decay(s->l) * xdt_s.
-    decay_ls = jnp.where(causal, jnp.exp(segsum(jnp.moveaxis(log_decay, 1, -1))),
-                         0.0)  # [b, H, T(l), T(s)]
-    cb = jnp.einsum("blgn,bsgn->bgls", c_c, b_c)
-    m = cb[:, :, None] * decay_ls.reshape(b, g, k, t, t)
-    y_diag = jnp.einsum("bgkls,bsgkp->blgkp", m, xdt)
-    # Carried state read out at each step, decayed from the chunk start.
-    h0g = h0.reshape(b, g, k, p, n)
-    y_off = jnp.einsum("blgn,bgkpn,blgk->blgkp", c_c, h0g,
-                       jnp.exp(cum).reshape(b, t, g, k))
-    # State at the chunk end: carried state decayed + this chunk's inputs.
-    decay_to_end = jnp.exp(cum[:, -1:] - cum).reshape(b, t, g, k)
-    h_local = jnp.einsum("bsgn,bsgk,bsgkp->bgkpn", b_c, decay_to_end, xdt)
-    h_end = (jnp.exp(cum[:, -1])[..., None, None] * h0
-             + h_local.reshape(b, n_heads, p, n))
-    return h_end, (y_diag + y_off).reshape(b, t, n_heads, p)
+  # Intra-chunk: causal (C B^T * decay) applied to dt x.
+  cb = jnp.einsum("bcgin,bcgjn->bcgij", C, B)  # [b, c, G, T, T]
+  scores = cb[:, :, :, None] * _decay_matrix(cum, cum).reshape(b, c, g, k, t, t)
+  y = jnp.einsum("bchij,bchjp->bchip", scores.reshape(b, c, n_heads, t, t), xdt)
 
-  chunk = jax.checkpoint(chunk, prevent_cse=False)
-  h0 = jnp.zeros((b, n_heads, p, n), jnp.float32)
-  xs = [scan_utils.to_chunks(a, chunk_size) for a in (x, dt, B, C)]
-  _, y = jax.lax.scan(chunk, h0, xs)
-  return scan_utils.from_chunks(y)[:, :length]
+  # Each chunk's own contribution to the state at its end.
+  last = cum[..., -1]  # [b, c, H]: log-decay over the whole chunk
+  to_end = (xdt * jnp.exp(last[..., None] - cum)[..., None]).reshape(b, c, g, k, t, p)
+  states = jnp.einsum("bcgkjp,bcgjn->bcgkpn", to_end, B)  # [b, c, G, K, P, N]
+
+  # State entering chunk z: sum_{j < z} exp(log-decay of chunks j+1..z-1) states_j, i.e.
+  # exp(exclusive cumsum at z - inclusive cumsum at j) over the chunk axis.
+  last = jnp.moveaxis(last, 1, -1)  # [b, H, c]
+  chunk_cum = _inclusive_cumsum(last, c)
+  entering = _decay_matrix(chunk_cum - last, chunk_cum, strict=True)  # [b, H, z, j]
+  h0 = jnp.einsum("bgkzj,bjgkpn->bzgkpn", entering.reshape(b, g, k, c, c), states)
+  y_off = jnp.einsum("bcgin,bcgkpn->bcgkip", C, h0).reshape(b, c, n_heads, t, p)
+  y = y + y_off * jnp.exp(cum)[..., None]
+  return y.transpose(0, 1, 3, 2, 4).reshape(b, c * t, n_heads, p)[:, :length]
 
 
 def _no_kernel(x, dt, A, B, C, chunk_size):
