@@ -21,14 +21,14 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from genemamba_jax import inference
 from genemamba_jax import pretrained as pretrained_lib
+from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data.errors import DataError
 from genemamba_jax.data.readers import open_source
@@ -98,21 +98,13 @@ def embed_file(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *,
                       progress=progress)
 
 
-def _atomic_path(target: Path) -> tuple[Path, Callable[[], None]]:
-  """A temp name beside `target` (same suffix) and a function that moves it into place."""
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
-  os.close(fd)
-  return Path(tmp), lambda: os.replace(tmp, target)
-
-
 def write_output(result: EmbedResult, output: str | os.PathLike, input_path=None,
                  layer_note: str = "") -> None:
   """Writes the cell embeddings to .h5ad (copy of the input + obsm), .npy or .npz, atomically."""
   output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   first = next(iter(result.cells))
-  tmp, commit = _atomic_path(output)
-  try:
+  with atomic_path(output) as tmp:
     if output.suffix == ".npy":
       np.save(tmp, result.cells[first])
     elif output.suffix == ".npz":
@@ -129,10 +121,6 @@ def write_output(result: EmbedResult, output: str | os.PathLike, input_path=None
       adata.write_h5ad(tmp)
     else:
       raise DataError(f"{output}: unsupported output; name it .h5ad, .npy or .npz")
-    commit()
-  finally:
-    if tmp.exists():
-      tmp.unlink()
 
 
 def write_genes(result: EmbedResult, path: str | os.PathLike) -> None:
@@ -145,13 +133,8 @@ def write_genes(result: EmbedResult, path: str | os.PathLike) -> None:
   if result.gene_context is not None:
     arrays.update(context_gene_ids=result.context_gene_ids, context=result.gene_context,
                   context_counts=result.gene_context_counts)
-  tmp, commit = _atomic_path(path)
-  try:
+  with atomic_path(path) as tmp:
     np.savez(tmp, **arrays)
-    commit()
-  finally:
-    if tmp.exists():
-      tmp.unlink()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from genemamba_jax.annotation import config as config_lib
 from genemamba_jax.annotation import report
 from genemamba_jax.annotation import splits as splits_lib
 from genemamba_jax.annotation.head import CellTypeClassifier, ClassifierHead
+from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data.errors import DataError
 from genemamba_jax.data.readers import AnnDataSource
@@ -232,6 +233,5 @@ def _write_h5ad(adata: anndata.AnnData, frame, embeddings: np.ndarray, path: Pat
   out.obs["genemamba_confidence"] = frame["confidence"].to_numpy()
   out.obs["genemamba_split"] = frame["split"].to_numpy()
   out.obsm["X_genemamba"] = embeddings
-  tmp = path.with_name(f".{path.stem}.tmp.h5ad")
-  out.write_h5ad(tmp)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    out.write_h5ad(tmp)

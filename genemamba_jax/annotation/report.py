@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
 from genemamba_jax.annotation.splits import SPLITS
+from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data import jsonio
 
 
@@ -47,10 +47,8 @@ def predictions_frame(obs_names, split, true, pred, probabilities, classes) -> p
 
 
 def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  frame.to_csv(tmp, index=False)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    frame.to_csv(tmp, index=False)
 
 
 def write_metrics(metrics: dict, path: str | os.PathLike) -> None:
@@ -79,8 +77,8 @@ def plot_confusion(true: np.ndarray, pred: np.ndarray, classes: list[str], path,
   ax.set_title(title)
   fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
   fig.tight_layout()
-  path = Path(path)
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=120)
+  finally:
+    plt.close(fig)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data.errors import DataError
 
 LABEL_COLUMN = "bulk_labels"  # 10 PBMC types
@@ -48,18 +49,15 @@ def pbmc68k_counts():
 
 def prepare_demo(out_dir: str | os.PathLike) -> dict[str, Path]:
   """Writes (once) the demo counts, vocabulary and tokens under `out_dir`; returns their paths."""
-  from genemamba_jax.data import medians
-  from genemamba_jax.data import records
-  from genemamba_jax.data import tokenize_corpus
+  from genemamba_jax.data import medians, records, tokenize_corpus
   from genemamba_jax.data import vocab as vocab_lib
   from genemamba_jax.data.tokenizer import TokenizeConfig
   out = Path(out_dir)
   paths = {"counts": out / "pbmc68k_counts.h5ad", "vocab": out / "vocab", "tokens": out / "tokens"}
   out.mkdir(parents=True, exist_ok=True)
   if not paths["counts"].exists():
-    tmp = out / ".pbmc68k_counts.tmp.h5ad"
-    pbmc68k_counts().write_h5ad(tmp)
-    os.replace(tmp, paths["counts"])
+    with atomic_path(paths["counts"]) as tmp:
+      pbmc68k_counts().write_h5ad(tmp)
   if not (paths["vocab"] / vocab_lib.VOCAB_FILE).exists():
     medians.compute_medians([paths["counts"]], paths["vocab"],
                             medians.MedianConfig(min_genes=MIN_GENES))
@@ -77,5 +75,5 @@ def describe(paths: dict[str, Path]) -> list[str]:
   manifest = records.load_manifest(paths["tokens"])
   return [f"demo counts: {paths['counts']} (700 PBMCs x 765 genes, scanpy's pbmc68k_reduced)",
           f"vocabulary: {paths['vocab']} ({len(manifest['vocab']):,} tokens)",
-          f"tokens: {paths['tokens']} ({manifest['num_cells']} cells; labels: "
-          f"{', '.join(manifest['labels'])})"]
+          (f"tokens: {paths['tokens']} ({manifest['num_cells']} cells; labels: "
+           f"{', '.join(manifest['labels'])})")]

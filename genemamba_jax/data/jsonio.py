@@ -1,11 +1,10 @@
 """Small JSON file helpers shared by the data-directory writers and readers."""
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data.errors import DataError
 
 
@@ -15,24 +14,13 @@ def write_json_atomic(path: str | Path, obj: Any, default=None, compact: bool = 
   `compact` drops indentation and spaces (for large files such as digests);
   NaN and infinity are refused, since they are not JSON.
 
-  The temp file lives in the target's directory because os.replace is atomic
-  only within one file system.
+  Written through atomic.atomic_path (temp file beside `path`, renamed over
+  it) and fsynced before the rename.
   """
-  path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=None if compact else 1, allow_nan=False, default=default,
-                separators=(",", ":") if compact else None)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())  # the data is on disk before the name points at it
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic_path(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=None if compact else 1, allow_nan=False, default=default,
+              separators=(",", ":") if compact else None)
+    f.write("\n")
 
 
 def read_json(path: str | Path, hint: str) -> Any:

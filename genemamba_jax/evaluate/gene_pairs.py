@@ -6,8 +6,6 @@ distances between the two similarity histograms, next to a random baseline.
 """
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 from sklearn.metrics import roc_auc_score
 
+from genemamba_jax.atomic import atomic_path, write_bytes_atomic
 from genemamba_jax.data.errors import DataError
 from genemamba_jax.data.jsonio import write_json_atomic
 
@@ -199,20 +198,8 @@ def plot_similarity_distributions(similarities: dict[str, pd.DataFrame], path) -
               alpha=0.5, color=color, label=name)
     ax.set(title=method, xlabel="similarity", ylabel="density")
     ax.legend()
-  _atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
-def _atomic(path, write) -> None:
-  """Calls write(binary file) on a temp file beside `path`, then renames it."""
-  path = Path(path)  # same directory: os.replace is atomic within a file system
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)  # mkstemp created it; os.replace has not consumed it
-    raise
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
 
 
 def run_gene_pairs(gene_names, embeddings, pairs_dir, out_dir, *, split="test", seed=0,
@@ -238,8 +225,8 @@ def run_gene_pairs(gene_names, embeddings, pairs_dir, out_dir, *, split="test", 
   table, sims = _benchmark(names, embeddings, pairs, seed, metric)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  _atomic(out_dir / "gene_pairs.csv",
-          lambda f: f.write(table.to_csv(index_label="method").encode("utf-8")))
+  write_bytes_atomic(out_dir / "gene_pairs.csv",
+                     table.to_csv(index_label="method").encode("utf-8"))
   # pandas writes NaN as null (JSON has no NaN) and pairs_used as an int.
   results = json.loads(table.to_json(orient="index", double_precision=15))
   write_json_atomic(out_dir / "gene_pairs.json", {

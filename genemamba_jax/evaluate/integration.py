@@ -7,9 +7,6 @@ iLISI and cLISI are reported beside them. The baselines are the PCA of the
 log-normalized counts and Harmony on that PCA.
 """
 
-import json
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +23,9 @@ from scib_metrics.nearest_neighbors import jax_approx_min_k
 from scib_metrics.utils import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data.errors import DataError
+from genemamba_jax.data.jsonio import write_json_atomic
 
 METHODS = ("genemamba", "pca", "harmony")
 METRIC_KEYS = ("nmi", "ari", "asw_label", "asw_batch", "graph_connectivity", "ilisi",
@@ -201,21 +200,6 @@ def integration_table(adata, embedding_key: str, batch_column: str, label_column
                  baselines)[0]
 
 
-def _atomic(path: Path, write) -> None:
-  """Calls write(temp_path), then renames it over `path` (same folder: atomic).
-
-  The writer creates the temp file itself, so it gets the usual umask
-  permissions rather than mkstemp's owner-only ones.
-  """
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-
-
 def _umap(embedding: np.ndarray, seed: int) -> np.ndarray:
   """[cells, 2] UMAP of `embedding` [cells, dims] via scanpy on a throwaway AnnData."""
   work = anndata.AnnData(obsm={"X_emb": np.asarray(embedding, dtype=np.float32)},
@@ -240,7 +224,8 @@ def _plot_umap(path: Path, coords: np.ndarray, panels: dict[str, np.ndarray], ti
     ax.set(title=f"{title}: {name}", xticks=[], yticks=[], xlabel="UMAP1", ylabel="UMAP2")
     ax.legend(fontsize=7, markerscale=3, frameon=False, loc="center left",
               bbox_to_anchor=(1, 0.5), ncols=1 + len(cats) // 25)
-  _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
 
 
 def run_integration(input_path: str, embedding_key: str, batch_column: str, label_column: str,
@@ -267,11 +252,11 @@ def run_integration(input_path: str, embedding_key: str, batch_column: str, labe
                               seed, baselines, where=str(path))
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  _atomic(out / "metrics.csv", lambda tmp: table.to_csv(tmp, index_label="method"))
-  as_json = {m: {k: (None if np.isnan(v) else float(v)) for k, v in row.items()}
-             for m, row in table.to_dict(orient="index").items()}
-  _atomic(out / "metrics.json", lambda tmp: tmp.write_text(
-      json.dumps(as_json, indent=1, allow_nan=False) + "\n", encoding="utf-8"))
+  with atomic_path(out / "metrics.csv") as tmp:
+    table.to_csv(tmp, index_label="method")
+  write_json_atomic(out / "metrics.json",
+                    {m: {k: (None if np.isnan(v) else float(v)) for k, v in row.items()}
+                     for m, row in table.to_dict(orient="index").items()})
   if plots:
     panels = {label_column: adata.obs[label_column].to_numpy(),
               batch_column: adata.obs[batch_column].to_numpy()}

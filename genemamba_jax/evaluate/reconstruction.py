@@ -17,7 +17,6 @@ S_out the predictions at those positions.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from genemamba_jax import inference
+from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data import jsonio
 from genemamba_jax.evaluate import reconstruction_metrics as rm
 
@@ -105,11 +105,11 @@ def plot_ranks(references, hypotheses: dict[str, list[np.ndarray]], path) -> Non
     ax.set_xlabel("input rank")
     ax.set_ylabel("predicted rank (missing = length)")
   fig.tight_layout()
-  path = Path(path)
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=110)
+  finally:
+    plt.close(fig)
 
 
 def write_outputs(summary: pd.DataFrame, per_cell: pd.DataFrame, out_dir, references,
@@ -119,9 +119,8 @@ def write_outputs(summary: pd.DataFrame, per_cell: pd.DataFrame, out_dir, refere
   out_dir.mkdir(parents=True, exist_ok=True)
   for name, frame, index in (("reconstruction.csv", summary, True),
                              ("reconstruction_cells.csv", per_cell, False)):
-    tmp = out_dir / f".{name}.tmp"
-    frame.to_csv(tmp, index=index)
-    os.replace(tmp, out_dir / name)
+    with atomic_path(out_dir / name) as tmp:
+      frame.to_csv(tmp, index=index)
   records = {m: {k: (None if isinstance(v, float) and np.isnan(v) else v)
                  for k, v in row.items()} for m, row in summary.iterrows()}
   jsonio.write_json_atomic(out_dir / "reconstruction.json", records,
