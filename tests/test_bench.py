@@ -24,8 +24,9 @@ def test_train_step_cli_ends_with_tokens_per_s():
   assert match and float(match.group(1)) > 0, proc.stdout
 
 
-def test_compile_time_prints_a_line_per_depth(capsys):
-  bench.main(["compile-time", *TINY, "--mixer", "mamba1", "--layers", "1", "2"])
+@pytest.mark.parametrize("unroll", [[], ["--unroll-layers"]])
+def test_compile_time_prints_a_line_per_depth(unroll, capsys):
+  bench.main(["compile-time", *TINY, "--mixer", "mamba1", "--layers", "1", "2", *unroll])
   rows = re.findall(r"^\| (\d+) \| (\d+\.\d+) \|$", capsys.readouterr().out, re.MULTILINE)
   assert [int(depth) for depth, _ in rows] == [1, 2]
   assert all(float(seconds) > 0 for _, seconds in rows)
