@@ -6,6 +6,7 @@ import sys
 import anndata
 import numpy as np
 import pytest
+from flax import nnx
 
 from genemamba_jax import embed, pretrained
 from genemamba_jax.data.errors import DataError
@@ -67,10 +68,17 @@ def test_gene_context_is_the_mean_state_over_occurrences(kang_pretrained, kang_s
   cells, _, _ = inference.tokenize_all(model.tokenizer(), _source(kang_subset), desc=None)
   gene = result.context_gene_ids[5]
   token = model.vocab.token_to_id[gene]
+  # Each cell on its own (right-padded to one length so one compiled encode serves all).
+  encode = nnx.jit(lambda backbone, tokens, mask: backbone.encode(tokens, mask))
+  length = max(len(sentence) for sentence in cells)
   states = []
   for sentence in cells[:120]:
-    hidden = np.asarray(model.model.encode(sentence[None], None))[0]
-    states.extend(hidden[sentence == token])
+    if not np.any(sentence == token):
+      continue
+    tokens = np.full((1, length), model.config.pad_id, np.int32)
+    tokens[0, :len(sentence)] = sentence
+    hidden = np.asarray(encode(model.model, tokens, tokens != model.config.pad_id))[0]
+    states.extend(hidden[:len(sentence)][sentence == token])
   assert result.gene_context_counts[5] == len(states)
   np.testing.assert_allclose(result.gene_context[5], np.mean(states, axis=0), atol=1e-5)
 

@@ -49,7 +49,7 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     # Never seen in pretraining: start it at the mean gene embedding (the original's choice).
     table = backbone.embeddings.embedding
     gene_rows = base.vocab.gene_token_ids(base.vocab.gene_ids)
-    table.value = table.value.at[base.vocab.cls_id].set(jnp.mean(table.value[gene_rows], axis=0))
+    table[...] = table[...].at[base.vocab.cls_id].set(jnp.mean(table[...][gene_rows], axis=0))
 
   # --- cells, labels, splits
   path = c.data.input
