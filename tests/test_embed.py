@@ -86,7 +86,7 @@ def test_gene_context_is_the_mean_state_over_occurrences(kang_pretrained, kang_s
 def test_npy_and_npz_outputs(kang_pretrained, kang_subset, tmp_path):
   assert _cli("--checkpoint", kang_pretrained, "--input", kang_subset,
               "--output", tmp_path / "x.npy", "--pooling", "mean").returncode == 0
-  step_dir = sorted((kang_pretrained / "checkpoints").glob("[0-9]*"))[-1]  # one checkpoint
+  step_dir = max((kang_pretrained / "checkpoints").glob("[0-9]*"))  # one checkpoint
   assert _cli("--checkpoint", step_dir, "--input", kang_subset,
               "--output", tmp_path / "x.npz", "--pooling", "both").returncode == 0
   npy, npz = np.load(tmp_path / "x.npy"), np.load(tmp_path / "x.npz")
