@@ -11,12 +11,12 @@ Backends, all with a float32 state:
   associative  `lax.associative_scan` over (decay, input) pairs; the decay
                stays [.., H, 1, 1] so combines are cheap, but inputs and
                states are materialised as [b, L, H, P, N].
-  chunked      the SSD matmul form (mamba_ssm `ssd_minimal_discrete`), all
-               chunks at once: within a chunk, y = (C B^T * exp(cum_i - cum_j))
-               (dt x) plus the entering state read out through C; the states
-               entering the chunks come from one [chunks, chunks] matmul. The
-               backward keeps O(b*L*H*T) decay matrices and per-chunk states
-               [b, L / T, H, P, N], never a per-step state.
+  chunked      the SSD matmul form (mamba_ssm `ssd_minimal_discrete`): within
+               a chunk, y = (C B^T * exp(cum_i - cum_j)) (dt x) plus the carried
+               state read out through C; a `lax.scan` over chunks carries the
+               state, `jax.checkpoint` per chunk keeps only boundary states
+               [L / chunk, b, H, P, N] and O(b*L*H*P) activations for the
+               backward.
 
 The chunked einsums use JAX's default matmul precision: exact float32 on CPU
 (the tests), TF32 on recent GPUs unless run under
@@ -88,20 +88,17 @@ def _decay_matrix(ends, starts, strict=False):
 
 
 def _chunked(x, dt, A, B, C, chunk_size):
-  """The SSD matmul form, all chunks at once (mamba_ssm `ssd_minimal_discrete`).
+  """The SSD matmul form chunk by chunk (mamba_ssm `ssd_minimal_discrete`), under a scan.
 
   Within a chunk of T steps, for head h in group g:
 
-    y_diag[i] = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
-    state     = sum_j exp(cum_T - cum_j) dt_j x_j (outer) B_j      ([P, N] per chunk)
+    y[i] = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j + exp(cum_i) C_i . h0
+    h_end = exp(cum_T) h0 + sum_j exp(cum_T - cum_j) dt_j x_j (outer) B_j
 
-  then the state entering each chunk is a decayed sum of the earlier chunks'
-  states (a [c, c] matmul over chunks), read out as y_off[i] = exp(cum_i) C_i . h0.
-  Everything is batched matmuls over [b, chunks, heads]; no loop, so XLA keeps
-  no stacked per-iteration buffers. Saved for the backward: the [b, c, H, T, T]
-  decay and C.B matrices (b L H T floats, like one [b, L, d_inner] activation
-  at T = P) and the chunk states [b, c, H, P, N] (1/T of a [b, L, d_inner, N]
-  tensor), never a per-step state.
+  A `lax.scan` carries the state [b, H, P, N] across chunks and `jax.checkpoint` per chunk
+  keeps only the boundary states and O(b*L*H*P) inputs for the backward. Measured against
+  all chunks at once as batched matmuls (the form with no loop): as fast at L = 512 and
+  faster at L >= 2048 on CPU, with half the memory (bench/RESULTS.md).
 
   Shapes: x [b, L, H, P], dt [b, L, H], A [H], B/C [b, L, G, N], all float32.
   """
@@ -110,39 +107,38 @@ def _chunked(x, dt, A, B, C, chunk_size):
   g, n = B.shape[2:]
   k = n_heads // g
   t = chunk_size
-  (x, dt, B, C), c = scan_utils.pad_time([x, dt, B, C], t)
-  # Head-major chunks, so every einsum below has its batch axes leading.
-  x = x.reshape(b, c, t, n_heads, p).transpose(0, 1, 3, 2, 4)  # [b, c, H, T, P]
-  dt = dt.reshape(b, c, t, n_heads).transpose(0, 1, 3, 2)  # [b, c, H, T]
-  B = B.reshape(b, c, t, g, n).transpose(0, 1, 3, 2, 4)  # [b, c, G, T, N]
-  C = C.reshape(b, c, t, g, n).transpose(0, 1, 3, 2, 4)
-  cum = _inclusive_cumsum(dt * A[:, None], t)  # [b, c, H, T] log-decay from the chunk start
-  xdt = x * dt[..., None]  # [b, c, H, T, P]
+  (x, dt, B, C), _ = scan_utils.pad_time([x, dt, B, C], chunk_size)
 
-  # Intra-chunk: causal (C B^T * decay) applied to dt x.
-  cb = jnp.einsum("bcgin,bcgjn->bcgij", C, B)  # [b, c, G, T, T]
-  # One copy of C B^T per head of the group, by concatenation rather than broadcasting: the
-  # backward of a broadcast is a reduce over the head axis, which XLA:CPU's fused reduce ran
-  # at a fraction of memory speed (65 ms of a 480 ms mixer fwd+bwd); a concatenation's
-  # backward is slices and adds.
-  cb = jnp.concatenate([cb[:, :, :, None]] * k, axis=3)  # [b, c, G, K, T, T]
-  scores = cb * _decay_matrix(cum, cum).reshape(b, c, g, k, t, t)
-  y = jnp.einsum("bchij,bchjp->bchip", scores.reshape(b, c, n_heads, t, t), xdt)
+  def chunk(h0, xs):
+    """h0: [b, H, P, N]; xs: one chunk, x [b, T, H, P], dt [b, T, H], B/C [b, T, G, N]."""
+    x_c, dt_c, b_c, c_c = xs
+    cum = jnp.moveaxis(_inclusive_cumsum(jnp.moveaxis(dt_c * A, 1, -1), t), -1, 1)  # [b, T, H]
+    xdt = (x_c * dt_c[..., None]).reshape(b, t, g, k, p)
+    # Intra-chunk (diagonal block): y_l = sum_{s<=l} C_l.B_s * decay(s->l) * xdt_s.
+    cum_h = jnp.moveaxis(cum, 1, -1)  # [b, H, T]
+    decay_ls = _decay_matrix(cum_h, cum_h).reshape(b, g, k, t, t)
+    cb = jnp.einsum("blgn,bsgn->bgls", c_c, b_c)  # [b, G, T, T]
+    # One copy of C B^T per head of the group, by concatenation rather than broadcasting:
+    # the backward of a broadcast is a reduce over the head axis, which XLA:CPU's fused
+    # reduce ran at a fraction of memory speed (~13% of a mixer's fwd+bwd); a
+    # concatenation's backward is slices and adds.
+    cb = jnp.concatenate([cb[:, :, None]] * k, axis=2)  # [b, G, K, T, T]
+    y_diag = jnp.einsum("bgkls,bsgkp->blgkp", cb * decay_ls, xdt)
+    # Carried state read out at each step, decayed from the chunk start.
+    h0g = h0.reshape(b, g, k, p, n)
+    y_off = jnp.einsum("blgn,bgkpn,blgk->blgkp", c_c, h0g, jnp.exp(cum).reshape(b, t, g, k))
+    # State at the chunk end: carried state decayed + this chunk's inputs.
+    decay_to_end = jnp.exp(cum[:, -1:] - cum).reshape(b, t, g, k)
+    h_local = jnp.einsum("bsgn,bsgk,bsgkp->bgkpn", b_c, decay_to_end, xdt)
+    h_end = jnp.exp(cum[:, -1])[..., None, None] * h0 + h_local.reshape(b, n_heads, p, n)
+    return h_end, (y_diag + y_off).reshape(b, t, n_heads, p)
 
-  # Each chunk's own contribution to the state at its end.
-  last = cum[..., -1]  # [b, c, H]: log-decay over the whole chunk
-  to_end = (xdt * jnp.exp(last[..., None] - cum)[..., None]).reshape(b, c, g, k, t, p)
-  states = jnp.einsum("bcgkjp,bcgjn->bcgkpn", to_end, B)  # [b, c, G, K, P, N]
-
-  # State entering chunk z: sum_{j < z} exp(log-decay of chunks j+1..z-1) states_j, i.e.
-  # exp(exclusive cumsum at z - inclusive cumsum at j) over the chunk axis.
-  last = jnp.moveaxis(last, 1, -1)  # [b, H, c]
-  chunk_cum = _inclusive_cumsum(last, c)
-  entering = _decay_matrix(chunk_cum - last, chunk_cum, strict=True)  # [b, H, z, j]
-  h0 = jnp.einsum("bgkzj,bjgkpn->bzgkpn", entering.reshape(b, g, k, c, c), states)
-  y_off = jnp.einsum("bcgin,bcgkpn->bcgkip", C, h0).reshape(b, c, n_heads, t, p)
-  y = y + y_off * jnp.exp(cum)[..., None]
-  return y.transpose(0, 1, 3, 2, 4).reshape(b, c * t, n_heads, p)[:, :length]
+  # prevent_cse is unneeded under scan and only blocks optimisations.
+  chunk = jax.checkpoint(chunk, prevent_cse=False)
+  h0 = jnp.zeros((b, n_heads, p, n), jnp.float32)
+  xs = [scan_utils.to_chunks(a, chunk_size) for a in (x, dt, B, C)]
+  _, y = jax.lax.scan(chunk, h0, xs)
+  return scan_utils.from_chunks(y)[:, :length]
 
 
 def _no_kernel(x, dt, A, B, C, chunk_size):
