@@ -122,7 +122,7 @@ def test_bf16_compute_matches_fp32(mixer):
 def test_every_parameter_has_logical_axis_names():
   for mixer in ("mamba1", "mamba2"):
     model = GeneMamba(_small(mixer=mixer, combine="gate", prenorm=True), rngs=nnx.Rngs(0))
-    for path, var in nnx.state(model, nnx.Param).flat_state():
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
       names = var.get_metadata().get("out_sharding")
       assert names is not None and len(names) == var[...].ndim, (path, names)
       if path[0] == "layers":
