@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import results  # noqa: E402  (bench/results.py, beside this script)
 from genemamba_jax import bench
 from genemamba_jax.model import count_params
 from genemamba_jax.train import metrics
@@ -103,7 +104,7 @@ def main() -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--write", action="store_true", help="append the section to RESULTS.md")
+  parser.add_argument("--write", action="store_true", help="write (or replace) the section in RESULTS.md")
   a = parser.parse_args()
   if jax.default_backend() not in ("gpu", "cuda", "rocm"):
     print(f"no GPU visible (JAX platform {jax.default_backend()}); run this on a GPU machine",
@@ -117,9 +118,7 @@ def main() -> int:
           f"{_table(kernel_rows())}\n")
   print(text)
   if a.write:
-    path = Path(__file__).with_name("RESULTS.md")
-    path.write_text(path.read_text(encoding="utf-8").rstrip("\n") + "\n" + text,
-                    encoding="utf-8")
+    results.write_section(text.strip("\n").splitlines()[0], text)
   return 0
 
 

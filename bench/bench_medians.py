@@ -15,7 +15,6 @@ numpy's exact per-gene medians of the non-zero values.
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import results  # noqa: E402  (bench/results.py, beside this script)
 from genemamba_jax.data.digests import GeneDigests  # noqa: E402
 
 HEADING = "## Gene medians (t-digest)"
@@ -107,17 +107,6 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def write_results(section: str) -> None:
-  path = Path(__file__).resolve().parent / "RESULTS.md"
-  text = path.read_text() if path.exists() else "# Benchmark results\n"
-  pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section, text, count=1)
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  path.write_text(text)
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--cells", type=int, default=15000)
@@ -187,7 +176,7 @@ def main() -> None:
   ]
   print("\n".join(lines))
   if args.write:
-    write_results(HEADING + "\n\n`python bench/bench_medians.py --write`\n\n"
+    results.write_section(HEADING, HEADING + "\n\n`python bench/bench_medians.py --write`\n\n"
                   + "\n".join(lines) + "\n\n")
 
 

@@ -20,7 +20,6 @@ import datetime
 import functools
 import os
 import platform
-import re
 import statistics
 import textwrap
 import sys
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import results  # noqa: E402  (bench/results.py, beside this script)
 from genemamba_jax.ops import BACKENDS, selective_scan, ssd  # noqa: E402
 
 _ss_module = sys.modules["genemamba_jax.ops.selective_scan"]
@@ -193,16 +193,6 @@ def section(rows, seconds):
           fastest_training(rows)) + "."), "", ""])
 
 
-def write(text):
-  path = Path(__file__).resolve().parent / "RESULTS.md"
-  old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-  pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-  new = (pattern.sub(lambda _: text, old) if pattern.search(old)
-         else old.rstrip("\n") + "\n\n\n" + text)
-  path.write_text(new)
-  print(f"wrote {path}")
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
@@ -215,7 +205,7 @@ def main():
   print()
   print(text)
   if args.write:
-    write(text)
+    results.write_section(HEADING, text)
 
 
 if __name__ == "__main__":

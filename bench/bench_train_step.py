@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax
 import torch
+import results
 import torch_peers
 
 from genemamba_jax import bench
@@ -194,18 +194,6 @@ def section(out: dict, seconds: float, steps: int, peer_steps: int) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write(text: str) -> None:
-  """Replaces this script's section of bench/RESULTS.md, or appends it at the end."""
-  path = Path(__file__).resolve().parent / "RESULTS.md"
-  old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-  pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-  block = text.rstrip("\n") + "\n\n"
-  new = (pattern.sub(lambda _: block, old) if pattern.search(old)
-         else old.rstrip("\n") + "\n\n" + block)
-  path.write_text(new.rstrip("\n") + "\n")
-  print(f"wrote {path}")
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10, help="our timed steps")
@@ -229,7 +217,7 @@ def main() -> None:
   print()
   print(text)
   if args.write:
-    write(text)
+    results.write_section(HEADING, text)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,24 @@ def test_torch_peer_runs_a_train_step(mixer, package, d_state):
   with torch.no_grad():
     want = x + (layer.mixer(x) + layer.mixer(x.flip(1)).flip(1)) / 2
     torch.testing.assert_close(layer(x), want)
+
+
+def test_results_sections_are_replaced_not_duplicated(tmp_path):
+  spec = importlib.util.spec_from_file_location("results", ROOT / "bench" / "results.py")
+  results = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(results)
+  path = tmp_path / "RESULTS.md"
+  path.write_text("# Benchmark results\n\n## A\n\nold a\n\n## B\n\nb\n")
+  results.write_section("## A", "## A\n\nnew a\n", path)
+  results.write_section("## C", "## C\n\nc", path)
+  results.write_section("## C", "## C\n\nc again", path)
+  assert path.read_text() == ("# Benchmark results\n\n## A\n\nnew a\n\n## B\n\nb\n\n"
+                              "## C\n\nc again\n")
+  # Re-writing a section with its own text leaves the real results page as it is.
+  real = (ROOT / "bench" / "RESULTS.md").read_text()
+  heading = "## Selective scan backends (CPU)"
+  section = heading + real.split(heading, 1)[1].split("\n## ", 1)[0]
+  copy = tmp_path / "copy.md"
+  copy.write_text(real)
+  results.write_section(heading, section, copy)
+  assert copy.read_text() == real

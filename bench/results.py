@@ -1,0 +1,25 @@
+"""bench/RESULTS.md: each benchmark script owns one `## ` section and replaces it when re-run."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from genemamba_jax.atomic import write_bytes_atomic  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def write_section(heading: str, text: str, path: Path = RESULTS) -> Path:
+  """Replaces the section that starts with the line `heading` (up to the next `## ` heading or
+  the end) by `text`, or appends `text` if there is no such section. Written atomically."""
+  old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+  pattern = re.compile("^" + re.escape(heading) + r"\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+  block = text.strip("\n") + "\n\n"
+  new = (pattern.sub(lambda _: block, old, count=1) if pattern.search(old)
+         else old.rstrip("\n") + "\n\n" + block)
+  write_bytes_atomic(path, (new.rstrip("\n") + "\n").encode("utf-8"))
+  print(f"wrote {path}")
+  return path
