@@ -44,15 +44,30 @@ def _inputs(key, b=2, length=19, d=12, n=16):
   return x, dt, a, jax.random.normal(ks[3], (b, length, n)), jax.random.normal(ks[4], (b, length, n))
 
 
-def test_auto_is_chunked_on_cpu_and_pallas_falls_back_with_a_logged_reason(caplog):
+def test_auto_is_the_numba_kernel_on_cpu_and_pallas_falls_back_with_a_logged_reason(caplog):
   args = _inputs(jax.random.key(0))
+  np.testing.assert_array_equal(selective_scan(*args, backend="auto", chunk_size=8),
+                                selective_scan(*args, backend="numba", chunk_size=8))
   chunked = selective_scan(*args, backend="chunked", chunk_size=8)
-  np.testing.assert_array_equal(selective_scan(*args, backend="auto", chunk_size=8), chunked)
   scan_utils.log_fallback.cache_clear()
   with caplog.at_level(logging.WARNING, logger="genemamba_jax.ops"):
     fallback = selective_scan(*args, backend="pallas", chunk_size=8)
   np.testing.assert_array_equal(fallback, chunked)
   assert "scan backend pallas unavailable (platform cpu" in caplog.text
+  assert "using chunked" in caplog.text
+
+
+def test_numba_off_cpu_falls_back_to_chunked_with_a_logged_reason(caplog, monkeypatch):
+  args = _inputs(jax.random.key(2))
+  chunked = selective_scan(*args, backend="chunked", chunk_size=8)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  scan_utils.log_fallback.cache_clear()
+  with caplog.at_level(logging.WARNING, logger="genemamba_jax.ops"):
+    fallback = selective_scan(*args, backend="numba", chunk_size=8)
+  # Not bit-equal: off CPU the chunked backend's inner scan is the associative one.
+  np.testing.assert_allclose(fallback, chunked, rtol=0, atol=1e-5)
+  assert "scan backend numba unavailable (the numba kernels run on the CPU backend, not tpu)" \
+      in caplog.text
   assert "using chunked" in caplog.text
 
 

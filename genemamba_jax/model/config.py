@@ -10,7 +10,8 @@ MIXERS = ("mamba1", "mamba2")
 COMBINES = ("mean", "sum", "concat", "gate")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
-SCAN_BACKENDS = ("sequential", "associative", "chunked", "pallas", "pallas_interpret", "auto")
+SCAN_BACKENDS = ("sequential", "associative", "chunked", "pallas", "pallas_interpret", "numba",
+                 "auto")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -56,7 +57,7 @@ class GeneMambaConfig:
   # chunked: fastest and smallest on CPU for training (bench/RESULTS.md); see README.
   # auto: the Pallas kernel on GPU (Mamba-1), chunked elsewhere; see ops/selective_scan.py
   scan_backend: Literal["sequential", "associative", "chunked", "pallas", "pallas_interpret",
-                        "auto"] = "auto"
+                        "numba", "auto"] = "auto"
   scan_chunk_size: int = 64  # for the chunked backend
   remat: bool = False  # recompute each layer's activations in the backward pass
   # Layers run under a scan (compile time flat in depth). unroll_layers=True unrolls that

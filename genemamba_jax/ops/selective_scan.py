@@ -122,11 +122,25 @@ def _pallas(x, dt, A, B, C, chunk_size, interpret=False):
   return pallas_scan.selective_scan_pallas(x, dt, A, B, C, chunk_size, interpret=interpret)
 
 
+def _numba(x, dt, A, B, C, chunk_size):
+  """The compiled CPU kernels (ops/cpu_scan.py) on the CPU backend; else `chunked`, logged."""
+  if jax.default_backend() != "cpu":
+    scan_utils.log_fallback("numba", "chunked",
+                            f"the numba kernels run on the CPU backend, not {jax.default_backend()}")
+    return _chunked(x, dt, A, B, C, chunk_size)
+  from genemamba_jax.ops import cpu_scan  # pylint: disable=g-import-not-at-top
+  return cpu_scan.selective_scan_cpu(x, dt, A, B, C, chunk_size)
+
+
 def _auto(x, dt, A, B, C, chunk_size):
-  """GPU: the Pallas kernel. CPU/TPU: `chunked`, the fastest XLA backend measured for
-  training there (forward+backward, bench/RESULTS.md), with bounded memory."""
-  if jax.default_backend() in ("gpu", "cuda", "rocm"):
+  """GPU: the Pallas kernel. CPU: the numba kernels, 4x the fastest XLA backend for
+  training there (forward+backward, bench/RESULTS.md). TPU: `chunked`. All with bounded
+  memory."""
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
     return _pallas(x, dt, A, B, C, chunk_size)
+  if platform == "cpu":
+    return _numba(x, dt, A, B, C, chunk_size)
   return _chunked(x, dt, A, B, C, chunk_size)
 
 
@@ -136,6 +150,7 @@ _IMPLS = {
     "chunked": _chunked,
     "pallas": _pallas,
     "pallas_interpret": lambda *args: _pallas(*args, interpret=True),
+    "numba": _numba,
     "auto": _auto,
 }
 
@@ -159,10 +174,11 @@ def selective_scan(x, dt, A, B, C, D=None, *, backend="associative",
     D: [d] or None, skip connection.
     backend: one of `scan_utils.SELECTABLE`: "sequential", "associative",
       "chunked", "pallas" (GPU kernel; elsewhere falls back to chunked with a
-      logged reason), "pallas_interpret" (the kernel in Pallas's interpreter)
-      or "auto" (pallas on GPU, chunked on CPU/TPU).
-    chunk_size: time steps per chunk (chunked and Pallas backends); L need not
-      be a multiple of it.
+      logged reason), "pallas_interpret" (the kernel in Pallas's interpreter),
+      "numba" (compiled CPU kernels; elsewhere falls back to chunked with a
+      logged reason) or "auto" (pallas on GPU, numba on CPU, chunked on TPU).
+    chunk_size: time steps per chunk (chunked, Pallas and numba backends); L
+      need not be a multiple of it.
 
   Returns:
     y: [batch, L, d] in x.dtype, accumulated in float32.

@@ -157,6 +157,7 @@ _IMPLS = {
     "chunked": _chunked,
     "pallas": _no_kernel,
     "pallas_interpret": _no_kernel,
+    "numba": _no_kernel,
     "auto": _chunked,
 }
 

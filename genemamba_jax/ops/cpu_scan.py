@@ -1,0 +1,277 @@
+"""Mamba-1 selective scan as compiled CPU kernels (numba), forward and backward.
+
+Same recurrence and contract as the backends in `selective_scan.py`:
+
+  h_t = exp(dt_t * A) * h_{t-1} + (dt_t * x_t)[:, None] * B_t[None, :]
+  y_t = h_t @ C_t
+
+Why a kernel on CPU: XLA:CPU runs the recurrence as a while loop of separate
+fusions over [batch, d, N] per time step. The forward is fine (~2 ns per state
+update), but its autodiff backward stores and reloads per-step residuals and
+reduces over d and N in YNNPACK fusions at ~13 ns per update: ~85% of a
+Mamba-1 train step (bench/RESULTS.md). Here every (batch, channel) recurrence
+runs with its N-vector state in registers / L1, all exps and updates of a time
+step vectorised over N, and the batch x channel loop spread over the cores.
+
+Forward (`_forward`): parallel over batch x channels. Writes y and, when the
+gradient is wanted, the state entering every chunk of `chunk_size` steps,
+[b, d, L / chunk, N], the only residual besides the inputs.
+
+Backward (`_backward`): parallel over (batch, channel block). Per channel,
+chunks in reverse: the chunk's states and decays are recomputed from the saved
+boundary state into [chunk, N] scratch, then walked backwards carrying
+g = dL/dh [N] and the dA row. dB and dC are reductions over channels, so each
+(batch, channel block) writes its own [L, N] partial; dA is written per batch
+element; the partials are summed in JAX. No [b, L, d, N] tensor exists in
+either pass.
+
+exp is a Cephes-style float32 exp (Cody-Waite reduction, degree-6 polynomial,
+exponent by bit construction, <= 5 ulp), written out so that LLVM vectorises
+it: numba's `math.exp` is a scalar libm call per element, which alone would
+cost more than the whole XLA forward.
+
+The kernels run on the host through `jax.pure_callback` (CPU backend only).
+Calls are serialised by a lock: numba's default thread pool may not be
+entered from two threads at once, and XLA may run independent callbacks
+concurrently. Arrays are passed channel-major ([b, d, L]) so that a
+channel's time series is contiguous.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+import numba
+import numpy as np
+
+from genemamba_jax.ops import scan_utils
+
+_F32 = np.float32
+
+
+def _njit(**kwargs):
+  """numba.njit with the on-disk cache where a cache directory is writable."""
+  def wrap(fn):
+    try:
+      return numba.njit(cache=True, nogil=True, fastmath=True, **kwargs)(fn)
+    except RuntimeError:  # no writable cache directory anywhere: compile per process
+      return numba.njit(nogil=True, fastmath=True, **kwargs)(fn)
+  return wrap
+
+
+@_njit(inline="always")
+def _exp(x):
+  """float32 exp, vectorisable: <= 5 ulp on [-87, 88]; inputs are clamped to that range
+  (exp(-87) ~ 1.6e-38, the smallest normal float32 is 1.2e-38)."""
+  x = min(max(x, _F32(-87.0)), _F32(88.0))
+  k = np.int32(math.floor(_F32(1.4426950408889634) * x + _F32(0.5)))  # round(x / ln 2)
+  kf = _F32(k)
+  r = x - kf * _F32(0.693359375) - kf * _F32(-2.12194440e-4)  # x - k ln 2, in two parts
+  p = _F32(1.9875691500e-4)
+  p = p * r + _F32(1.3981999507e-3)
+  p = p * r + _F32(8.3334519073e-3)
+  p = p * r + _F32(4.1665795894e-2)
+  p = p * r + _F32(1.6666665459e-1)
+  p = p * r + _F32(5.0000001201e-1)
+  p = p * r * r + r + _F32(1.0)
+  return p * np.int32((k + 127) << 23).view(np.float32)  # * 2^k
+
+
+@_njit(parallel=True)
+def _forward(x, dt, A, B, C, chunk, save_states, y, h_chunks):
+  """y and chunk-boundary states of the recurrence.
+
+  Args:
+    x, dt: [b, L, d] float32.
+    A: [d, N]; B, C: [b, L, N].
+    chunk: steps per chunk of the saved states.
+    save_states: whether to fill h_chunks.
+    y: [b, L, d] output.
+    h_chunks: [b, d, ceil(L / chunk), N] output: the state before each chunk.
+  """
+  nb, length, nd = x.shape
+  n = A.shape[1]
+  for item in numba.prange(nb * nd):  # one (batch element, channel) recurrence each
+    bi = item // nd
+    di = item - bi * nd
+    a_row = A[di]
+    h = np.zeros(n, np.float32)
+    for t in range(length):
+      if save_states and t % chunk == 0:
+        h_chunks[bi, di, t // chunk, :] = h
+      dt_t = dt[bi, t, di]
+      u = dt_t * x[bi, t, di]
+      b_t = B[bi, t]
+      c_t = C[bi, t]
+      acc = _F32(0.0)
+      for j in range(n):
+        hj = _exp(dt_t * a_row[j]) * h[j] + u * b_t[j]
+        h[j] = hj
+        acc += hj * c_t[j]
+      y[bi, t, di] = acc
+
+
+@_njit(parallel=True)
+def _backward(x, dt, A, B, C, gy, h_chunks, chunk, block_d, gx, gdt, gA, gB, gC):
+  """Gradients of sum(gy * y) through the recurrence.
+
+  Args:
+    x, dt, gy: [b, L, d]; A: [d, N]; B, C: [b, L, N]; h_chunks: from `_forward`.
+    block_d: channels per work item; each item writes one [L, N] partial of dB and dC.
+    gx, gdt: [b, L, d] outputs.
+    gA: [b, d, N] output, per batch element (summed over b by the caller).
+    gB, gC: [b, ceil(d / block_d), L, N] outputs, per channel block (summed by the caller).
+  """
+  nb, length, nd = x.shape
+  n = A.shape[1]
+  n_blocks = gB.shape[1]
+  for item in numba.prange(nb * n_blocks):
+    bi = item // n_blocks
+    blk = item - bi * n_blocks
+    gB_part = gB[bi, blk]
+    gC_part = gC[bi, blk]
+    gB_part[:] = 0
+    gC_part[:] = 0
+    states = np.empty((chunk + 1, n), np.float32)  # h entering step s: states[s]
+    decays = np.empty((chunk, n), np.float32)
+    g = np.empty(n, np.float32)  # dL/dh carried back from the later steps
+    gA_row = np.empty(n, np.float32)
+    for di in range(blk * block_d, min((blk + 1) * block_d, nd)):
+      a_row = A[di]
+      g[:] = 0
+      gA_row[:] = 0
+      for c in range(h_chunks.shape[2] - 1, -1, -1):
+        t0 = c * chunk
+        steps = min(chunk, length - t0)
+        states[0] = h_chunks[bi, di, c]
+        for s in range(steps):  # recompute the chunk's decays and states
+          t = t0 + s
+          dt_t = dt[bi, t, di]
+          u = dt_t * x[bi, t, di]
+          b_t = B[bi, t]
+          h_prev = states[s]
+          h_next = states[s + 1]
+          a_s = decays[s]
+          for j in range(n):
+            a = _exp(dt_t * a_row[j])
+            a_s[j] = a
+            h_next[j] = a * h_prev[j] + u * b_t[j]
+        for s in range(steps - 1, -1, -1):
+          t = t0 + s
+          gy_t = gy[bi, t, di]
+          dt_t = dt[bi, t, di]
+          x_t = x[bi, t, di]
+          u = dt_t * x_t
+          b_t = B[bi, t]
+          c_t = C[bi, t]
+          gb = gB_part[t]
+          gc = gC_part[t]
+          h_prev = states[s]
+          h_t = states[s + 1]
+          a_s = decays[s]
+          g_u = _F32(0.0)
+          g_dta = _F32(0.0)  # d/d dt through the decays: sum_j dL/d(dt A_j) * A_j
+          for j in range(n):
+            gh = g[j] + gy_t * c_t[j]  # dL/dh_t
+            gc[j] += gy_t * h_t[j]
+            gb[j] += gh * u
+            g_u += gh * b_t[j]
+            g_log_decay = gh * h_prev[j] * a_s[j]  # dL/d(dt_t A_j)
+            g_dta += g_log_decay * a_row[j]
+            gA_row[j] += g_log_decay * dt_t
+            g[j] = gh * a_s[j]  # carried to h_{t-1}
+          gx[bi, t, di] = g_u * dt_t
+          gdt[bi, t, di] = g_u * x_t + g_dta
+      gA[bi, di, :] = gA_row
+
+
+# numba's default (workqueue) thread pool must not be entered from two threads at once.
+_LOCK = threading.Lock()
+# Channels per backward work item, each with its own [L, N] partials of dB and dC.
+_BACKWARD_BLOCK_D = 64
+
+
+def _n_chunks(length: int, chunk: int) -> int:
+  return -(-length // chunk)
+
+
+def _run_forward(x, dt, A, B, C, *, chunk, save_states):
+  x, dt, A, B, C = (np.asarray(a, np.float32) for a in (x, dt, A, B, C))
+  b, length, d = x.shape
+  y = np.empty((b, length, d), np.float32)
+  n_saved = _n_chunks(length, chunk) if save_states else 0
+  h_chunks = np.empty((b, d, n_saved, A.shape[1]), np.float32)
+  with _LOCK:
+    _forward(x, dt, A, B, C, chunk, save_states, y, h_chunks)
+  return (y, h_chunks) if save_states else y
+
+
+def _run_backward(x, dt, A, B, C, gy, h_chunks, *, chunk):
+  x, dt, A, B, C, gy, h_chunks = (np.asarray(a, np.float32)
+                                  for a in (x, dt, A, B, C, gy, h_chunks))
+  b, length, d = x.shape
+  n = A.shape[1]
+  n_blocks = -(-d // _BACKWARD_BLOCK_D)
+  gx = np.empty_like(x)
+  gdt = np.empty_like(dt)
+  gA = np.empty((b, d, n), np.float32)
+  gB = np.empty((b, n_blocks, length, n), np.float32)
+  gC = np.empty((b, n_blocks, length, n), np.float32)
+  with _LOCK:
+    _backward(x, dt, A, B, C, gy, h_chunks, chunk, _BACKWARD_BLOCK_D, gx, gdt, gA, gB, gC)
+  return gx, gdt, gA.sum(0), gB.sum(1), gC.sum(1)
+
+
+def _callback(fn, shapes, *args):
+  # The kernels loop over the batch themselves: a vmap over them is one call per element.
+  return jax.pure_callback(fn, shapes, *args, vmap_method="sequential")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _scan(x, dt, A, B, C, chunk):
+  """x, dt: [b, L, d]; A: [d, N]; B, C: [b, L, N]; all float32 -> y [b, L, d]."""
+  return _callback(functools.partial(_run_forward, chunk=chunk, save_states=False),
+                   jax.ShapeDtypeStruct(x.shape, jnp.float32), x, dt, A, B, C)
+
+
+def _scan_fwd(x, dt, A, B, C, chunk):
+  b, length, d = x.shape
+  shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct((b, d, _n_chunks(length, chunk), A.shape[1]), jnp.float32))
+  y, h_chunks = _callback(functools.partial(_run_forward, chunk=chunk, save_states=True),
+                          shapes, x, dt, A, B, C)
+  return y, (x, dt, A, B, C, h_chunks)
+
+
+def _scan_bwd(chunk, residuals, gy):
+  x, dt, A, B, C, _ = residuals
+  f32 = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32)
+  shapes = tuple(f32(a) for a in (x, dt, A, B, C))
+  x, dt, A, B, C, h_chunks = residuals
+  return _callback(functools.partial(_run_backward, chunk=chunk), shapes,
+                   x, dt, A, B, C, gy, h_chunks)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def selective_scan_cpu(x, dt, A, B, C, chunk_size: int = 64):
+  """The kernels' selective scan; same contract as `selective_scan._chunked`.
+
+  Args:
+    x, dt: [b, L, d] float32 (dt > 0); A: [d, N] float32 (< 0); B, C: [b, L, N] float32.
+    chunk_size: steps between the states the forward saves for the backward
+      (memory b * d * N * L / chunk_size); L need not be a multiple of it.
+
+  Returns:
+    y: [b, L, d] float32 (no D term).
+  """
+  scan_utils.check_chunk_size(chunk_size)
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"the CPU scan kernel runs on the CPU backend only, not "
+                     f"{jax.default_backend()!r}; use scan_backend='auto' or 'chunked'")
+  return _scan(x, dt, A, B, C, chunk_size)
