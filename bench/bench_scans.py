@@ -2,15 +2,18 @@
 
 Mamba-1 `selective_scan` (batch 2, d = 256, N = 16) and Mamba-2 `ssd` (batch 2,
 H = 8, P = 64, G = 1, N = 64, i.e. d_inner 512) at L = 512, 2048, 4096, float32,
-every backend in `genemamba_jax.ops.BACKENDS` (plus, for Mamba-1, the chunked
-backend with the associative scan inside chunks that non-CPU platforms use).
+every backend in `genemamba_jax.ops.BACKENDS` (plus, for Mamba-1, the numba CPU
+kernels and the chunked backend with the associative scan inside chunks that
+non-CPU platforms use).
 
 Time: `jax.jit`, compiled ahead, one warm-up call, then the median of a few
 calls (fewer when a call takes seconds). fwd+bwd is the gradient of sum(y)
 w.r.t. all six inputs. Memory: XLA's compiled buffer assignment
 (`memory_analysis()`): temp + argument + output bytes, the planned peak of the
-executable (CPU has no device peak-memory counter). A configuration whose plan
-exceeds MEM_LIMIT is recorded as skipped, not run.
+executable (CPU has no device peak-memory counter), plus, for the numba
+kernels, the host arrays they allocate outside XLA's plan
+(`cpu_scan.host_bytes`). A configuration whose plan exceeds MEM_LIMIT is
+recorded as skipped, not run.
 
     python bench/bench_scans.py [--lengths 512 2048 4096] [--write]
 """
@@ -32,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import results  # noqa: E402  (bench/results.py, beside this script)
-from genemamba_jax.ops import BACKENDS, selective_scan, ssd  # noqa: E402
+from genemamba_jax.ops import BACKENDS, cpu_scan, selective_scan, ssd  # noqa: E402
 
 _ss_module = sys.modules["genemamba_jax.ops.selective_scan"]
 
@@ -71,19 +74,23 @@ def variants(op):
   fn = selective_scan if op == "selective_scan" else ssd
   out = [(b, functools.partial(fn, backend=b)) for b in BACKENDS]
   if op == "selective_scan":
+    out.append(("numba", functools.partial(fn, backend="numba")))
     out.append(("chunked, assoc. inner", functools.partial(
         _chunked_assoc_inner, backend="chunked", chunk_size=64)))
   return out
 
 
-def measure(fn, args):
-  """Compiles fn for args; returns dict(ms, mem, compile_s) or dict(skip)."""
+def measure(fn, args, host_bytes=0):
+  """Compiles fn for args; returns dict(ms, mem, compile_s) or dict(skip).
+
+  host_bytes: memory the function allocates outside XLA's plan (the numba kernels).
+  """
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
   ma = compiled.memory_analysis()
   mem = (ma.temp_size_in_bytes + ma.argument_size_in_bytes
-         + ma.output_size_in_bytes)
+         + ma.output_size_in_bytes + host_bytes)
   if mem > MEM_LIMIT:
     return dict(skip=f"skipped: plan needs {mem / 2**30:.1f} GiB", mem=mem,
                 compile_s=compile_s)
@@ -107,8 +114,13 @@ def run(lengths):
       args = make(length)
       for label, fn in variants(op):
         loss = lambda *a, fn=fn: jnp.sum(fn(*a))
-        fwd = measure(fn, args)
-        bwd = measure(jax.grad(loss, argnums=tuple(range(6))), args)
+        host = {}
+        if label == "numba":
+          b, _, d = args[0].shape
+          host = {grad: cpu_scan.host_bytes(b, length, d, args[2].shape[1], 64, grad=grad)
+                  for grad in (False, True)}
+        fwd = measure(fn, args, host.get(False, 0))
+        bwd = measure(jax.grad(loss, argnums=tuple(range(6))), args, host.get(True, 0))
         rows.append(dict(op=op, L=length, backend=label, fwd=fwd, bwd=bwd))
         print(f"{op:15s} L={length:5d} {label:22s} " + " | ".join(
             f"{k} " + (r["skip"] if "skip" in r else
@@ -153,7 +165,7 @@ def fastest_training(rows):
   for op in dict.fromkeys(r["op"] for r in rows):
     for length in dict.fromkeys(r["L"] for r in rows):
       timed = [r for r in rows if r["op"] == op and r["L"] == length
-               and "ms" in r["bwd"] and r["backend"] in BACKENDS]
+               and "ms" in r["bwd"] and r["backend"] in (*BACKENDS, "numba")]
       if timed:
         best = min(timed, key=lambda r: r["bwd"]["ms"])
         out.append(f"{op} L={length}: {best['backend']} "
@@ -182,8 +194,10 @@ def section(rows, seconds):
       "inputs. Memory: XLA's compiled buffer plan (`memory_analysis()` temp + arguments "
       "+ outputs), i.e. the executable's planned peak; CPU has no device peak counter. "
       "Speed-up = sequential's time / the backend's (>1 is faster); memory ratio = the "
-      "backend's / sequential's. \"chunked, assoc. inner\" is the chunked backend with "
-      "the associative scan inside chunks (what it uses off CPU)."),
+      "backend's / sequential's. \"numba\" is the compiled CPU kernels "
+      "(`ops/cpu_scan.py`, the CPU default for Mamba-1); its memory adds the host arrays the "
+      "kernels allocate outside XLA's plan. \"chunked, assoc. inner\" is the chunked backend "
+      "with the associative scan inside chunks (what it uses off CPU)."),
       "",
       f"- machine: {machine()}",
       f"- run: {datetime.date.today().isoformat()}, {seconds:.0f} s in all, load "

@@ -1,7 +1,8 @@
 """The default training path keeps no [B, L, d_inner, N] tensor.
 
 The real train step (`genemamba_jax.bench.build_train_step`: default objective,
-the model's default scan backend, i.e. chunked on CPU, AdamW) is lowered and
+the model's default scan backend, i.e. on CPU the numba kernels for Mamba-1 and
+the chunked SSD for Mamba-2, AdamW) is lowered and
 compiled for state sizes N = 16, 32, 64, and XLA's buffer plan
 (`memory_analysis().temp_size_in_bytes`) is compared: keeping one
 [B, L, d_inner, N] float32 activation per layer would add
@@ -16,6 +17,11 @@ and L 256 these are as large as the tensor the test looks for (measured growth
 of 40-90% of it for both mixers), so it could not tell them apart. With
 d_inner 512 and L 4096 they are 10-15% of it, while the sequential backend,
 which does keep every step's state, grows by about 9 times it.
+
+The numba kernels allocate their outputs and the backward's partials on the
+host, outside XLA's plan (their results are then copied into XLA buffers, which
+the plan does count); `cpu_scan.host_bytes` gives that peak, and it is checked
+by the same rule.
 """
 
 import itertools
@@ -25,6 +31,7 @@ import pytest
 
 from genemamba_jax import bench
 from genemamba_jax.model import GeneMambaConfig
+from genemamba_jax.ops import cpu_scan
 
 D_MODEL, LAYERS, SEQ_LEN, BATCH, VOCAB = 256, 2, 4096, 2, 100
 STATES = (16, 32, 64)
@@ -54,3 +61,12 @@ def test_train_step_memory_has_no_length_by_inner_by_state_tensor(mixer):
         f"{mixer}: N {low} -> {high} adds {growth / 2**20:.1f} MiB of temporaries, "
         f">= 25% of the {kept / 2**20:.0f} MiB one [B, L, d_inner, N] tensor per layer "
         f"would add; temps by N: {temps}")
+
+
+def test_numba_kernel_host_memory_has_no_length_by_inner_by_state_tensor():
+  d_inner = 2 * D_MODEL
+  host = {n: cpu_scan.host_bytes(2 * BATCH, SEQ_LEN, d_inner, n, 64, grad=True)
+          for n in STATES}
+  for low, high in itertools.pairwise(STATES):
+    kept = 2 * BATCH * SEQ_LEN * d_inner * (high - low) * 4  # one [2B, L, d_inner, dN] tensor
+    assert host[high] - host[low] < 0.25 * kept, host

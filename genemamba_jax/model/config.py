@@ -54,8 +54,9 @@ class GeneMambaConfig:
   lm_head_bias: bool = True
   pad_id: int = 0
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
-  # chunked: fastest and smallest on CPU for training (bench/RESULTS.md); see README.
-  # auto: the Pallas kernel on GPU (Mamba-1), chunked elsewhere; see ops/selective_scan.py
+  # auto: Mamba-1 runs the Pallas kernel on GPU, the numba kernels on CPU (fastest there for
+  # training, bench/RESULTS.md) and chunked on TPU; Mamba-2 runs the chunked SSD everywhere.
+  # See ops/selective_scan.py and the README.
   scan_backend: Literal["sequential", "associative", "chunked", "pallas", "pallas_interpret",
                         "numba", "auto"] = "auto"
   scan_chunk_size: int = 64  # for the chunked backend

@@ -21,6 +21,11 @@ The scan inside a chunk is sequential on CPU, where a step is cheap and the
 associative scan's extra passes over [batch, T, d, N] cost ~3.5x fwd+bwd time
 (bench/RESULTS.md), and associative elsewhere, where log-depth parallelism
 pays. `INNER_SCAN` holds that choice per platform.
+
+Two kernels compute the same with the same memory bound as `chunked`: `pallas`
+(GPU, `pallas_scan.py`) and `numba` (CPU, `cpu_scan.py`: ~3-4x `chunked` for
+forward+backward, whose autodiff'ed while loop is the bottleneck on CPU).
+`auto` picks pallas on GPU, numba on CPU and chunked on TPU.
 """
 
 from __future__ import annotations
