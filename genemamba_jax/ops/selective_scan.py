@@ -23,7 +23,7 @@ associative scan's extra passes over [batch, T, d, N] cost ~3.5x fwd+bwd time
 pays. `INNER_SCAN` holds that choice per platform.
 
 Two kernels compute the same with the same memory bound as `chunked`: `pallas`
-(GPU, `pallas_scan.py`) and `numba` (CPU, `cpu_scan.py`: 3.5-3.9x `chunked` for
+(GPU, `pallas_scan.py`) and `numba` (CPU, `cpu_scan.py`: 3.2-3.4x `chunked` for
 forward+backward, whose autodiff'ed while loop is the bottleneck on CPU).
 `auto` picks pallas on GPU, numba on CPU and chunked on TPU.
 """
