@@ -69,3 +69,18 @@ def random_counts(n_cells: int, n_genes: int, density: float = 0.3, seed: int = 
   m = sp.random(n_cells, n_genes, density=density, random_state=seed, format="csr")
   m.data = rng.negative_binomial(2, 0.3, m.nnz).astype(np.float32) + 1
   return m
+
+
+def selective_scan_inputs(seed: int, b: int, length: int, d: int, n: int):
+  """(x, dt, A, B, C) float32 jax arrays for the Mamba-1 scan, realistic magnitudes.
+
+  x, B, C ~ N(0, 1); dt = softplus(0.5 z - 2) ~ 0.05-0.3; A = -exp(z) [d, n].
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  r = np.random.default_rng(seed)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return (f32(r.normal(size=(b, length, d))),
+          f32(np.log1p(np.exp(0.5 * r.normal(size=(b, length, d)) - 2.0))),
+          f32(-np.exp(r.normal(size=(d, n)))),
+          f32(r.normal(size=(b, length, n))),
+          f32(r.normal(size=(b, length, n))))

@@ -12,6 +12,7 @@ import pytest
 
 from genemamba_jax.ops import cpu_scan
 from genemamba_jax.ops.selective_scan import _sequential, selective_scan
+from tests import oracles
 
 ARG_NAMES = ("x", "dt", "A", "B", "C")
 
@@ -25,17 +26,6 @@ CASES = [
     (1, 1, 3, 16, 4),
     (2, 130, 17, 16, 64),
 ]
-
-
-def _inputs(seed, b, length, d, n):
-  """Realistic magnitudes: dt = softplus(0.5 z - 2) ~ 0.05-0.3, A = -exp(z)."""
-  r = np.random.default_rng(seed)
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  return (f32(r.normal(size=(b, length, d))),
-          f32(np.log1p(np.exp(0.5 * r.normal(size=(b, length, d)) - 2.0))),
-          f32(-np.exp(r.normal(size=(d, n)))),
-          f32(r.normal(size=(b, length, n))),
-          f32(r.normal(size=(b, length, n))))
 
 
 def _value_and_grads(scan, inputs, w):
@@ -55,7 +45,7 @@ def _assert_close(actual, expected, err_msg=""):
 
 @pytest.mark.parametrize("b,length,d,n,chunk", CASES)
 def test_outputs_and_gradients_match_sequential(b, length, d, n, chunk):
-  inputs = _inputs(0, b, length, d, n)
+  inputs = oracles.selective_scan_inputs(0, b, length, d, n)
   w = jnp.asarray(np.random.default_rng(1).normal(size=(b, length, d)), jnp.float32)
   y, grads = _value_and_grads(lambda *a: cpu_scan.selective_scan_cpu(*a, chunk), inputs, w)
   y_ref, grads_ref = _value_and_grads(lambda *a: _sequential(*a, chunk), inputs, w)
@@ -66,7 +56,7 @@ def test_outputs_and_gradients_match_sequential(b, length, d, n, chunk):
 
 def test_forward_without_gradient_equals_forward_of_the_gradient_pass():
   """The primal call (no states saved) and the vjp's forward are the same numbers."""
-  inputs = _inputs(2, 2, 29, 7, 16)
+  inputs = oracles.selective_scan_inputs(2, 2, 29, 7, 16)
   y = jax.jit(lambda *a: cpu_scan.selective_scan_cpu(*a, 8))(*inputs)
   y_vjp, _ = jax.vjp(lambda *a: cpu_scan.selective_scan_cpu(*a, 8), *inputs)
   np.testing.assert_array_equal(y, y_vjp)
@@ -74,7 +64,7 @@ def test_forward_without_gradient_equals_forward_of_the_gradient_pass():
 
 def test_long_decays_and_tiny_steps_stay_finite():
   """dt * A down to -1e4 (decay underflows to 0) and dt ~ 1e-6 (decay ~ 1)."""
-  x, dt, a, b, c = _inputs(3, 1, 50, 4, 16)
+  x, dt, a, b, c = oracles.selective_scan_inputs(3, 1, 50, 4, 16)
   dt = dt.at[:, ::2].set(1e-6).at[:, 1::7].set(50.0)
   a = a.at[0].set(-200.0)
   w = jnp.ones_like(x)
@@ -110,13 +100,13 @@ def test_kernel_exp_is_within_a_few_ulp_of_float64_exp():
 
 def test_vmap_and_concurrent_calls():
   """A vmapped call (one kernel call per element) and calls from two threads at once."""
-  stacked = [jnp.stack([a, a * 0.5]) for a in _inputs(4, 2, 21, 6, 16)]
+  stacked = [jnp.stack([a, a * 0.5]) for a in oracles.selective_scan_inputs(4, 2, 21, 6, 16)]
   stacked[2] = -jnp.abs(stacked[2])
   y = jax.vmap(lambda *a: cpu_scan.selective_scan_cpu(*a, 8))(*stacked)
   for i in range(2):
     _assert_close(y[i], _sequential(*(a[i] for a in stacked), 8))
 
-  inputs = _inputs(5, 4, 64, 32, 16)
+  inputs = oracles.selective_scan_inputs(5, 4, 64, 32, 16)
   fn = jax.jit(jax.grad(lambda *a: jnp.sum(cpu_scan.selective_scan_cpu(*a, 16) ** 2),
                         argnums=(0, 1, 2, 3, 4)))
   expected = fn(*inputs)
@@ -136,7 +126,7 @@ def test_vmap_and_concurrent_calls():
 
 
 def test_selective_scan_numba_backend_adds_d():
-  x, dt, a, b, c = _inputs(6, 2, 19, 12, 16)
+  x, dt, a, b, c = oracles.selective_scan_inputs(6, 2, 19, 12, 16)
   d = jnp.linspace(0.5, 1.5, 12)
   _assert_close(selective_scan(x, dt, a, b, c, d, backend="numba", chunk_size=8),
                 selective_scan(x, dt, a, b, c, d, backend="sequential"))
@@ -171,4 +161,4 @@ def test_grad_through_a_genemamba_with_the_kernel_matches_the_reference():
 @pytest.mark.parametrize("chunk", [0, -3, 2.5])
 def test_bad_chunk_size_is_refused(chunk):
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-    cpu_scan.selective_scan_cpu(*_inputs(7, 1, 4, 3, 4), chunk)
+    cpu_scan.selective_scan_cpu(*oracles.selective_scan_inputs(7, 1, 4, 3, 4), chunk)

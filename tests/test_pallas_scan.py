@@ -11,6 +11,7 @@ import pytest
 
 from genemamba_jax.ops import pallas_scan
 from genemamba_jax.ops.selective_scan import _sequential
+from tests import oracles
 
 ARG_NAMES = ("x", "dt", "A", "B", "C")
 # Interpret mode is XLA:CPU compile bound; -O0 roughly halves compile time
@@ -26,17 +27,6 @@ CASES = [
 ]
 
 
-def _inputs(seed, b, length, d, n):
-  """Realistic magnitudes: dt = softplus(0.5 z - 2) ~ 0.05-0.3, A = -exp(z)."""
-  r = np.random.default_rng(seed)
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  return (f32(r.normal(size=(b, length, d))),
-          f32(np.log1p(np.exp(0.5 * r.normal(size=(b, length, d)) - 2.0))),
-          f32(-np.exp(r.normal(size=(d, n)))),
-          f32(r.normal(size=(b, length, n))),
-          f32(r.normal(size=(b, length, n))))
-
-
 def _value_and_grads(scan, inputs, w):
   """y and the grads of sum(y * w) w.r.t. the five inputs, compiled."""
   def fn(*args):
@@ -49,7 +39,7 @@ def _value_and_grads(scan, inputs, w):
 
 @pytest.mark.parametrize("b,length,d,n,chunk,block_d", CASES)
 def test_matches_sequential(b, length, d, n, chunk, block_d):
-  inputs = _inputs(0, b, length, d, n)
+  inputs = oracles.selective_scan_inputs(0, b, length, d, n)
   # A random cotangent exercises every output element.
   w = jnp.asarray(np.random.default_rng(1).normal(size=(b, length, d)),
                   jnp.float32)
@@ -73,7 +63,7 @@ def test_matches_sequential(b, length, d, n, chunk, block_d):
 
 def test_single_chunk_longer_than_sequence():
   """chunk > L: one chunk, mostly padding; forward only, default block_d."""
-  inputs = _inputs(2, 1, 9, 5, 16)
+  inputs = oracles.selective_scan_inputs(2, 1, 9, 5, 16)
   y = jax.jit(lambda *a: pallas_scan.selective_scan_pallas(*a, 64))(*inputs)
   np.testing.assert_allclose(y, _sequential(*inputs, 64), rtol=0, atol=1e-5)
 
@@ -94,7 +84,7 @@ def test_pallas_available_default_platform():
 @pytest.mark.parametrize("kwargs", [{"block_d": 12}, {"block_d": 0},
                                     {"chunk_size": 0}])
 def test_invalid_arguments(kwargs):
-  inputs = _inputs(3, 1, 4, 3, 4)
+  inputs = oracles.selective_scan_inputs(3, 1, 4, 3, 4)
   with pytest.raises(ValueError):
     pallas_scan.selective_scan_pallas(*inputs, **kwargs)
 
