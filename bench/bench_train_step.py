@@ -46,7 +46,8 @@ VARIANTS = [
     ("chunked, chunk 128", {"backend": "chunked", "chunk_size": 128}),
     ("sequential", {"backend": "sequential"}),
     ("associative", {"backend": "associative"}),
-    ("auto + remat", {"remat": True}),
+    ("auto, no remat (keep every activation)", {"remat": False}),
+    ("auto, remat nothing_saveable", {"remat_policy": "nothing_saveable"}),
     ("auto, bfloat16 compute", {"dtype": "bfloat16"}),
 ]
 
@@ -77,7 +78,8 @@ def run(steps: int, peer_steps: int, backends: bool, compile_layers: list[int]) 
   out = {"head": {}, "backends": {}, "compile": {}, "load": [os.getloadavg()[0]]}
   for mixer in ("mamba2", "mamba1"):
     row = {"ours": ours(mixer, steps),
-           "ours_unrolled": ours(mixer, steps, unroll_layers=True),
+           # Unrolled layers copy nothing into stacked buffers: remat only costs time there.
+           "ours_unrolled": ours(mixer, steps, unroll_layers=True, remat=False),
            # The peer's exact layout (streams mixed in every layer) on our side too.
            "ours_mixed": ours(mixer, steps, objective="next_gene_faithful")}
     if mixer == "mamba2":  # the peer at its own default SSD chunk and at ours; the faster counts
@@ -104,7 +106,8 @@ def run(steps: int, peer_steps: int, backends: bool, compile_layers: list[int]) 
                                           for n, s in out["compile"][mixer].items()))
     # The price of unroll_layers: compile time grows with depth.
     out["compile"][f"{mixer}, unroll_layers"] = bench.compile_seconds(
-        UNROLLED_DEPTHS, mixer=mixer, d_state=D_STATE[mixer], unroll_layers=True, **sizes)
+        UNROLLED_DEPTHS, mixer=mixer, d_state=D_STATE[mixer], unroll_layers=True, remat=False,
+        **sizes)
     log(f"compile {mixer} unrolled: " + ", ".join(
         f"{n} layers {s:.1f} s" for n, s in out["compile"][f"{mixer}, unroll_layers"].items()))
   out["load"].append(os.getloadavg()[0])
@@ -137,10 +140,12 @@ def section(out: dict, seconds: float, steps: int, peer_steps: int) -> str:
       "Ours: `python -m genemamba_jax.bench train-step` (the training loop's `make_train_step`, "
       "default objective next_gene on the separate-streams model; default scan backend `auto`, "
       "which on CPU is the numba kernels for Mamba-1 and the chunked SSD for Mamba-2, chunk "
-      "64), "
+      "64, "
+      "and the default remat policy, which keeps each mixer's in_proj and scan outputs and "
+      "recomputes the rest), "
       f"compiled, 2 warm-up steps, {steps} timed. \"ours, unroll_layers\" is the same step "
-      "with `GeneMambaConfig(unroll_layers=True)` (`--unroll-layers`: the layer loop unrolled; "
-      "compile time grows with depth). \"ours, mixed\" is the same step with "
+      "with `GeneMambaConfig(unroll_layers=True, remat=False)` (`--unroll-layers --no-remat`: "
+      "the layer loop unrolled; compile time grows with depth). \"ours, mixed\" is the same step with "
       "next_gene_faithful, whose model mixes both directions in every layer exactly as the "
       "peers do; both run the mixer on 2B sequences per layer, so the work is the same up to "
       "the top of the model. Peers: `bench/torch_peers.py`, PyTorch eager, same layout "

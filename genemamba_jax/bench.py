@@ -2,7 +2,7 @@
 
     python -m genemamba_jax.bench train-step --mixer mamba2 --d-model 128 --layers 4 \
         --seq-len 512 --batch 8 --vocab 2000 [--d-state N] [--steps 10] [--backend auto] \
-        [--dtype float32] [--remat] [--unroll-layers]
+        [--dtype float32] [--remat | --no-remat] [--remat-policy P] [--unroll-layers]
     python -m genemamba_jax.bench compile-time --layers 12 24 48 [--mixer mamba2 ...]
 
 `train-step` times the real training step (`genemamba_jax.train.step.make_train_step`:
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
-from genemamba_jax.model.config import DTYPES, MIXERS, SCAN_BACKENDS
+from genemamba_jax.model.config import DTYPES, MIXERS, REMAT_POLICIES, SCAN_BACKENDS
 from genemamba_jax.train import objectives
 from genemamba_jax.train import optimizer as optimizer_lib
 from genemamba_jax.train import step as step_lib
@@ -40,19 +40,22 @@ FIRST_GENE_ID = 4
 
 def model_config(mixer: str = "mamba2", d_model: int = 128, layers: int = 4, vocab: int = 2000,
                  d_state: int | None = None, backend: str | None = None,
-                 dtype: str = "float32", remat: bool = False, chunk_size: int = 64,
-                 objective: str = "next_gene", unroll_layers: bool = False) -> GeneMambaConfig:
+                 dtype: str = "float32", remat: bool | None = None, chunk_size: int = 64,
+                 objective: str = "next_gene", unroll_layers: bool = False,
+                 remat_policy: str | None = None) -> GeneMambaConfig:
   """The GeneMamba the benchmark trains: mean combination, untied head with bias.
 
   The streams layout is the one `objective` trains (separate for next_gene),
   as `genemamba_jax.train.loop` builds it. `backend=None` keeps the model's
-  default scan backend, i.e. what training uses unless configured otherwise.
+  default scan backend, i.e. what training uses unless configured otherwise; likewise
+  `remat=None` and `remat_policy=None` keep the model's defaults.
   """
   config = GeneMambaConfig(
       vocab_size=vocab, d_model=d_model, n_layers=layers, mixer=mixer, d_state=d_state,
       combine="mean", streams=objectives.model_streams_for(objective),
-      scan_chunk_size=chunk_size, remat=remat, dtype=dtype, unroll_layers=unroll_layers)
-  return config if backend is None else config.replace(scan_backend=backend)
+      scan_chunk_size=chunk_size, dtype=dtype, unroll_layers=unroll_layers)
+  overrides = {"scan_backend": backend, "remat": remat, "remat_policy": remat_policy}
+  return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -109,9 +112,10 @@ def lower_and_compile(config: GeneMambaConfig, seq_len: int, batch: int,
 def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
                     seq_len: int = 512, batch: int = 8, vocab: int = 2000,
                     d_state: int | None = None, steps: int = 10, warmup: int = 2,
-                    backend: str | None = None, dtype: str = "float32", remat: bool = False,
-                    chunk_size: int = 64, objective: str = "next_gene", seed: int = 0,
-                    unroll_layers: bool = False) -> dict:
+                    backend: str | None = None, dtype: str = "float32",
+                    remat: bool | None = None, chunk_size: int = 64, objective: str = "next_gene",
+                    seed: int = 0, unroll_layers: bool = False,
+                    remat_policy: str | None = None) -> dict:
   """Compiles the train step, runs `warmup` steps, then times `steps` steps.
 
   Returns:
@@ -122,7 +126,7 @@ def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
   if steps < 1 or warmup < 0:
     raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
   config = model_config(mixer, d_model, layers, vocab, d_state, backend, dtype, remat,
-                        chunk_size, objective, unroll_layers)
+                        chunk_size, objective, unroll_layers, remat_policy)
   train_step, state = build_train_step(config, objective, warmup + steps, seed)
   data = random_batch(batch, seq_len, vocab, seed)
   t0 = time.perf_counter()
@@ -146,14 +150,14 @@ def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
 def compile_seconds(layers: Sequence[int], mixer: str = "mamba2", d_model: int = 128,
                     seq_len: int = 512, batch: int = 8, vocab: int = 2000,
                     d_state: int | None = None, backend: str | None = None,
-                    dtype: str = "float32", remat: bool = False, chunk_size: int = 64,
-                    objective: str = "next_gene", unroll_layers: bool = False
-                    ) -> dict[int, float]:
+                    dtype: str = "float32", remat: bool | None = None, chunk_size: int = 64,
+                    objective: str = "next_gene", unroll_layers: bool = False,
+                    remat_policy: str | None = None) -> dict[int, float]:
   """{depth: lower + compile seconds of the train step} for each depth in `layers`."""
   out = {}
   for n in layers:
     config = model_config(mixer, d_model, n, vocab, d_state, backend, dtype, remat, chunk_size,
-                          objective, unroll_layers)
+                          objective, unroll_layers, remat_policy)
     out[n] = lower_and_compile(config, seq_len, batch, objective)[1]
   return out
 
@@ -182,7 +186,11 @@ def _parser() -> argparse.ArgumentParser:
                            f"{GeneMambaConfig.scan_backend!r})")
   common.add_argument("--chunk-size", type=_positive, default=64, help="for --backend chunked")
   common.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
-  common.add_argument("--remat", action="store_true", help="recompute layers in the backward")
+  common.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                      help="keep only --remat-policy's activations for the backward and "
+                           f"recompute the rest (default: the model's, {GeneMambaConfig.remat})")
+  common.add_argument("--remat-policy", choices=REMAT_POLICIES, default=None,
+                      help=f"default: the model's, {GeneMambaConfig.remat_policy!r}")
   common.add_argument("--unroll-layers", action="store_true",
                       help="unroll the loop over layers (faster on CPU; compile grows with depth)")
   common.add_argument("--objective", choices=objectives.OBJECTIVES, default="next_gene")
@@ -206,14 +214,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   sizes = {"mixer": args.mixer, "d_model": args.d_model, "seq_len": args.seq_len,
            "batch": args.batch, "vocab": args.vocab, "d_state": args.d_state,
            "backend": args.backend, "dtype": args.dtype, "remat": args.remat,
-           "chunk_size": args.chunk_size, "objective": args.objective,
-           "unroll_layers": args.unroll_layers}
+           "remat_policy": args.remat_policy, "chunk_size": args.chunk_size,
+           "objective": args.objective, "unroll_layers": args.unroll_layers}
   try:
     probe = model_config(args.mixer, args.d_model, 1, args.vocab, args.d_state, args.backend,
-                         args.dtype, args.remat, args.chunk_size, args.objective)
+                         args.dtype, args.remat, args.chunk_size, args.objective,
+                         remat_policy=args.remat_policy)
   except ValueError as e:  # e.g. d_inner not a multiple of headdim
     parser.error(str(e))
-  shown = dict(sizes, d_state=probe.state_size, backend=probe.scan_backend)
+  shown = dict(sizes, d_state=probe.state_size, backend=probe.scan_backend, remat=probe.remat,
+               remat_policy=probe.remat_policy)
   print(f"jax {jax.__version__} ({jax.default_backend()}), {jax.device_count()} device(s); "
         + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
   if args.command == "compile-time":

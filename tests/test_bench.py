@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from genemamba_jax import bench
+from genemamba_jax.model import GeneMambaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "32", "--seq-len", "64", "--batch", "2", "--vocab", "100"]
@@ -24,10 +25,14 @@ def test_train_step_cli_ends_with_tokens_per_s():
   assert match and float(match.group(1)) > 0, proc.stdout
 
 
-@pytest.mark.parametrize("unroll", [[], ["--unroll-layers"]])
+@pytest.mark.parametrize("unroll", [[], ["--unroll-layers", "--no-remat"]])
 def test_compile_time_prints_a_line_per_depth(unroll, capsys):
   bench.main(["compile-time", *TINY, "--mixer", "mamba1", "--layers", "1", "2", *unroll])
-  rows = re.findall(r"^\| (\d+) \| (\d+\.\d+) \|$", capsys.readouterr().out, re.MULTILINE)
+  out = capsys.readouterr().out
+  # The header line shows the configuration timed, remat included.
+  remat = "remat=False" if unroll else f"remat={GeneMambaConfig.remat}"
+  assert remat in out.splitlines()[0], out
+  rows = re.findall(r"^\| (\d+) \| (\d+\.\d+) \|$", out, re.MULTILINE)
   assert [int(depth) for depth, _ in rows] == [1, 2]
   assert all(float(seconds) > 0 for _, seconds in rows)
 
@@ -38,6 +43,7 @@ def test_compile_time_prints_a_line_per_depth(unroll, capsys):
     ["train-step", "--layers", "0"],
     ["train-step", "--dtype", "float16"],
     ["train-step", "--backend", "cuda"],
+    ["train-step", "--remat-policy", "save_all"],
     ["train-step", "--vocab", "4"],
     ["train-step", "--d-model", "16"],  # mamba2: d_inner 32 is not a multiple of headdim 64
     ["compile-time", "--layers"],

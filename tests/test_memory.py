@@ -37,9 +37,9 @@ D_MODEL, LAYERS, SEQ_LEN, BATCH, VOCAB = 256, 2, 4096, 2, 100
 STATES = (16, 32, 64)
 
 
-def temp_bytes(mixer: str, d_state: int) -> int:
+def temp_bytes(mixer: str, d_state: int, **overrides) -> int:
   """Planned temporary bytes of the compiled train step for this state size."""
-  config = bench.model_config(mixer, D_MODEL, LAYERS, VOCAB, d_state)
+  config = bench.model_config(mixer, D_MODEL, LAYERS, VOCAB, d_state, **overrides)
   train_step, state = bench.build_train_step(config, abstract=True)
   batch = {"tokens": jax.ShapeDtypeStruct((BATCH, SEQ_LEN), "int32"),
            "mask": jax.ShapeDtypeStruct((BATCH, SEQ_LEN), "bool")}
@@ -50,8 +50,10 @@ def temp_bytes(mixer: str, d_state: int) -> int:
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_train_step_memory_has_no_length_by_inner_by_state_tensor(mixer):
   config = bench.model_config(mixer, D_MODEL, LAYERS, VOCAB, STATES[0])
-  # The default training path: the model's default backend ("auto": chunked on CPU), no remat.
-  assert config.scan_backend == GeneMambaConfig.scan_backend and not config.remat
+  # The default training path: the model's default backend and remat policy.
+  assert config.scan_backend == GeneMambaConfig.scan_backend
+  assert (config.remat, config.remat_policy) == (GeneMambaConfig.remat,
+                                                 GeneMambaConfig.remat_policy)
   temps = {n: temp_bytes(mixer, n) for n in STATES}
   assert temps[STATES[0]] > 0
   for low, high in itertools.pairwise(STATES):
@@ -61,6 +63,15 @@ def test_train_step_memory_has_no_length_by_inner_by_state_tensor(mixer):
         f"{mixer}: N {low} -> {high} adds {growth / 2**20:.1f} MiB of temporaries, "
         f">= 25% of the {kept / 2**20:.0f} MiB one [B, L, d_inner, N] tensor per layer "
         f"would add; temps by N: {temps}")
+
+
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_default_remat_policy_keeps_less_than_keeping_everything(mixer):
+  """The default remat policy keeps the mixers' in_proj and scan outputs only: the conv,
+  activation, gating and norm outputs are recomputed, not stored per layer."""
+  kept = temp_bytes(mixer, STATES[0])
+  everything = temp_bytes(mixer, STATES[0], remat=False)
+  assert kept < 0.7 * everything, (kept / 2**20, everything / 2**20)
 
 
 def test_numba_kernel_host_memory_has_no_length_by_inner_by_state_tensor():

@@ -170,6 +170,30 @@ def test_unrolled_layers_equal_the_scanned_ones(streams):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_remat_policies_change_memory_not_the_gradients(mixer):
+  """Every remat policy (the default keeps only the mixers' in_proj and scan outputs) gives
+  the loss and gradients of the model that keeps everything."""
+  tokens = jnp.asarray(np.random.default_rng(0).integers(4, 40, (2, 24)), jnp.int32)
+  base = _small(mixer=mixer, n_layers=2, streams="separate", scan_backend="chunked",
+                scan_chunk_size=8)
+  assert GeneMambaConfig().remat and GeneMambaConfig().remat_policy == "in_proj_and_scan_saveable"
+  results = {}
+  for name, config in [("none", base.replace(remat=False)),
+                       *[(p, base.replace(remat=True, remat_policy=p))
+                         for p in ("in_proj_and_scan_saveable", "nothing_saveable",
+                                   "dots_saveable")]]:
+    model = GeneMamba(config, rngs=nnx.Rngs(0))
+    loss = lambda m: jnp.mean(m(tokens).logits ** 2)
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+    results[name] = (value, jax.tree.leaves(nnx.state(grads, nnx.Param)))
+  v0, g0 = results.pop("none")
+  for name, (value, grads) in results.items():
+    np.testing.assert_allclose(value, v0, rtol=1e-6, err_msg=name)
+    for a, b in zip(g0, grads, strict=True):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_bad_config_is_refused():
   with pytest.raises(ValueError, match="combine='max'"):
     GeneMambaConfig(combine="max")

@@ -3,7 +3,8 @@
 The layers are created stacked (`nnx.vmap`, one leading "layers" axis on every
 parameter) and applied with `nnx.scan`, so compile time does not grow with
 depth (`config.unroll_layers` unrolls it: faster on CPU, compile time grows
-with depth); `config.remat` recomputes each layer in the backward pass. The residual
+with depth); `config.remat` (default on) keeps only what `config.remat_policy` names of a
+layer's activations for the backward and recomputes the rest. The residual
 stream is float32; mixers compute in `config.dtype`.
 """
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from genemamba_jax.model.bimamba import BiMambaLayer, Combine, reverse_valid_index
-from genemamba_jax.model.config import GeneMambaConfig
+from genemamba_jax.model.config import REMAT_POLICIES, SAVED_ACTIVATIONS, GeneMambaConfig
 from genemamba_jax.model.layers import named
 
 
@@ -144,7 +145,7 @@ class GeneMamba(nnx.Module):
     return next_hidden, self.norm_f(self.aggr(forward, backward)).astype(jnp.float32)
 
   def _remat_policy(self):
-    return getattr(jax.checkpoint_policies, self.config.remat_policy)
+    return layer_remat_policy(self.config.remat_policy)
 
   def _mask(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
     return tokens != self.config.pad_id if mask is None else mask.astype(bool)
@@ -157,6 +158,20 @@ class GeneMamba(nnx.Module):
     table = self.embeddings.embedding[...].astype(dtype)
     logits = jnp.einsum("bld,vd->blv", hidden.astype(dtype), table).astype(jnp.float32)
     return logits + self.lm_head_bias[...] if self.lm_head_bias is not None else logits
+
+
+def layer_remat_policy(name: str):
+  """A `jax.checkpoint` policy from a `GeneMambaConfig.remat_policy` name.
+
+  "in_proj_and_scan_saveable" saves the activations the mixers tag with
+  `checkpoint_name` (`config.SAVED_ACTIVATIONS`); other names are
+  `jax.checkpoint_policies` attributes.
+  """
+  if name == "in_proj_and_scan_saveable":
+    return jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS)
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={name!r}; use one of {REMAT_POLICIES}")
+  return getattr(jax.checkpoint_policies, name)
 
 
 def cell_embedding(hidden: jax.Array, mask: jax.Array, pooling: str = "cls") -> jax.Array:
