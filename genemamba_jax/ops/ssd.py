@@ -151,23 +151,13 @@ def _no_kernel(x, dt, A, B, C, chunk_size):
   return _chunked(x, dt, A, B, C, chunk_size)
 
 
-def _numba(x, dt, A, B, C, chunk_size):
-  """The compiled CPU kernels (ops/cpu_ssd.py) on the CPU backend; else `chunked`, logged."""
-  if jax.default_backend() != "cpu":
-    scan_utils.log_fallback("numba (Mamba-2 ssd)", "chunked",
-                            f"the numba kernels run on the CPU backend, not {jax.default_backend()}")
-    return _chunked(x, dt, A, B, C, chunk_size)
-  from genemamba_jax.ops import cpu_ssd  # pylint: disable=g-import-not-at-top
-  return cpu_ssd.ssd_cpu(x, dt, A, B, C, chunk_size)
-
-
 _IMPLS = {
     "sequential": _sequential,
     "associative": _associative,
     "chunked": _chunked,
     "pallas": _no_kernel,
     "pallas_interpret": _no_kernel,
-    "numba": _numba,
+    "numba": _no_kernel,
     "auto": _chunked,
 }
 
