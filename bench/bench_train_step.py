@@ -119,6 +119,9 @@ def machine() -> str:
     info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     model = fields.get("Model name", "?").strip()
+    # VMs often report a generic model name: the vector width tells the machines apart.
+    flags = fields.get("Flags", "").split()
+    model += " (AVX-512)" if "avx512f" in flags else " (AVX2)" if "avx2" in flags else ""
     cpus = fields.get("CPU(s)", str(os.cpu_count())).strip()
   except (OSError, subprocess.CalledProcessError):
     model, cpus = "?", str(os.cpu_count())

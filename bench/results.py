@@ -12,11 +12,17 @@ from genemamba_jax.atomic import write_bytes_atomic  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def write_section(heading: str, text: str, path: Path = RESULTS) -> Path:
+def write_section(heading: str, text: str, path: Path = RESULTS,
+                  replaces: tuple[str, ...] = ()) -> Path:
   """Replaces the section that starts with the line `heading` (up to the next `## ` heading or
-  the end) by `text`, or appends `text` if there is no such section. Written atomically."""
+  the end) by `text`, or appends `text` if there is no such section; the sections headed by
+  `replaces` (e.g. a placeholder) are removed. Written atomically."""
   old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-  pattern = re.compile("^" + re.escape(heading) + r"\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+  section = lambda title: re.compile("^" + re.escape(title) + r"\n.*?(?=^## |\Z)",
+                                     re.DOTALL | re.MULTILINE)
+  for title in replaces:
+    old = section(title).sub("", old)
+  pattern = section(heading)
   block = text.strip("\n") + "\n\n"
   new = (pattern.sub(lambda _: block, old, count=1) if pattern.search(old)
          else old.rstrip("\n") + "\n\n" + block)

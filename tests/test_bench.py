@@ -91,6 +91,10 @@ def test_results_sections_are_replaced_not_duplicated(tmp_path):
   results.write_section("## C", "## C\n\nc again", path)
   assert path.read_text() == ("# Benchmark results\n\n## A\n\nnew a\n\n## B\n\nb\n\n"
                               "## C\n\nc again\n")
+  # A placeholder section goes when the real one is written.
+  results.write_section("## D (H100)", "## D (H100)\n\nd", path, replaces=("## B",))
+  assert path.read_text() == ("# Benchmark results\n\n## A\n\nnew a\n\n## C\n\nc again\n\n"
+                              "## D (H100)\n\nd\n")
   # Re-writing a section with its own text leaves the real results page as it is.
   real = (ROOT / "bench" / "RESULTS.md").read_text()
   heading = "## Selective scan backends (CPU)"
