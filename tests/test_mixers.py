@@ -15,7 +15,7 @@ from flax import nnx
 
 from genemamba_jax.model.config import GeneMambaConfig
 from genemamba_jax.model.convert import load_mixer_state_dict, mixer_state_dict
-from genemamba_jax.model.layers import AXIS_NAMES
+from genemamba_jax.model.layers import AXIS_NAMES, unfused_copy
 from genemamba_jax.model.mixers import Mamba1Mixer, Mamba2Mixer
 
 BACKENDS = ("sequential", "associative", "chunked")
@@ -258,3 +258,16 @@ def test_bfloat16_compute_close_to_float32(config):
   # hiding a wrong path (a bf16 state or a bf16 softplus(dt) is off by far more).
   err = np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max()
   assert err < 0.03, err
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_unfused_copy_is_exact(dtype):
+  """The conv taps' copy (a matmul by the identity, for XLA's fusion) changes no value, also
+  under jit, where the default matmul precision would round float32 on GPUs and TPUs."""
+  rng = np.random.default_rng(0)
+  magnitudes = 10.0 ** rng.integers(-30, 30, size=(4, 384))
+  a = jnp.asarray(rng.standard_normal((4, 384)) * magnitudes, dtype)
+  np.testing.assert_array_equal(np.asarray(jax.jit(unfused_copy)(a), np.float32),
+                                np.asarray(a, np.float32))
+  assert unfused_copy(a).dtype == dtype
+

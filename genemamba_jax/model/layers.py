@@ -57,6 +57,22 @@ def linear(in_features: int, out_features: int, names: tuple, *, use_bias: bool,
       rngs=rngs)
 
 
+def unfused_copy(a: jax.Array) -> jax.Array:
+  """a [M, ...] unchanged, computed as identity [M, M] @ a: an exact copy in its own buffer.
+
+  Why: under the layer scan, XLA takes each layer's parameters out of the stacked
+  [n_layers, ...] arrays with dynamic slices and fuses those into the elementwise loops
+  that read them. For the causal conv's taps (static slices of that dynamic slice) the
+  fused conv + silu loop then ran ~6x slower on CPU (9.7 vs 1.7 ms at [16, 512, 384]) and
+  the whole Mamba-2 train step 18% slower (bench/RESULTS.md). XLA does not fuse a matmul
+  into an elementwise loop (and drops `optimization_barrier`s before fusing), so a matmul
+  by the identity gives the taps their own buffer. HIGHEST precision keeps the product
+  exact on every backend (1 * x + 0 * y, no TF32 or bf16 passes).
+  """
+  eye = jnp.eye(a.shape[0], dtype=a.dtype)
+  return jnp.tensordot(eye, a, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+
 class CausalConv1d(nnx.Module):
   """Depthwise causal conv over time: [B, L, C] -> [B, L, C].
 
@@ -84,7 +100,8 @@ class CausalConv1d(nnx.Module):
     k = self.kernel_size
     x = x.astype(self.dtype)
     padded = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
-    kernel = self.kernel[...][:, 0, :].astype(self.dtype)  # [K, C]
+    # Own buffer for the taps, not a dynamic slice of the stacked layers' (see unfused_copy).
+    kernel = unfused_copy(self.kernel[...][:, 0, :].astype(self.dtype))  # [K, C]
     length = x.shape[1]
     y = sum(padded[:, i:i + length] * kernel[i] for i in range(k))
     if self.bias is not None:
