@@ -23,10 +23,6 @@ def get_config(arg=None):
   config.model.n_layers = 2
   config.model.d_state = 16
   config.model.headdim = 32
-  # 2 layers unrolled: compiles as fast and steps faster on CPU; unrolled layers keep their
-  # activations without copying them, so remat (recompute) only costs time there.
-  config.model.unroll_layers = True
-  config.model.remat = False
   config.optimizer.lr = 3e-3
   config.optimizer.warmup_steps = 30
   config.log_every = 10

@@ -34,10 +34,7 @@ def pretrain_kang(data_dir: Path, out: Path, num_steps: int = 200, objective: st
   c.objective = objective
   c.batch_size = 16
   c.num_steps = num_steps
-  # unroll_layers: faster steps on CPU; it is saved in model.json, so fine-tuning, embed
-  # and evaluate in the tests run the unrolled model too.
-  c.model.update(d_model=64, n_layers=2, d_state=16, headdim=32, unroll_layers=True,
-                 remat=False)
+  c.model.update(d_model=64, n_layers=2, d_state=16, headdim=32)
   c.optimizer.update(lr=3e-3, warmup_steps=10)
   c.log_every = 50
   c.eval_every = c.checkpoint_every = num_steps

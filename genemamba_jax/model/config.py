@@ -69,8 +69,8 @@ class GeneMambaConfig:
   # d_inner] per direction) and recomputes the conv, activations, gating and norms, which is
   # also the fastest choice under the layer scan: XLA copies every kept activation into stacked
   # [n_layers, ...] buffers, and keeping everything (remat=False) copies ~6x more. Measured on
-  # CPU, 4 layers: +28% (Mamba-2) and +9% (Mamba-1) tokens/s over remat=False
-  # (bench/RESULTS.md). nothing_saveable recomputes whole layers (least memory);
+  # CPU, 4 layers: +20-30% (Mamba-2) and +5-10% (Mamba-1) tokens/s over remat=False, and half
+  # the planned memory (bench/RESULTS.md). nothing_saveable recomputes whole layers (least memory);
   # everything_saveable / remat=False keeps everything.
   remat: bool = True
   remat_policy: Literal["in_proj_and_scan_saveable", "nothing_saveable", "dots_saveable",
@@ -78,9 +78,9 @@ class GeneMambaConfig:
                             "in_proj_and_scan_saveable")
   # Layers run under a scan (compile time flat in depth). unroll_layers=True unrolls that
   # loop: XLA then keeps each layer's activations in its own buffer instead of stacking them
-  # into [n_layers, ...] arrays, so nothing is copied and remat=False is fastest with it (a
-  # 4-layer CPU train step ~10-25% faster than the scanned default, bench/RESULTS.md), but
-  # compile time grows with depth. Same parameters either way.
+  # into [n_layers, ...] arrays, so nothing is copied (pair it with remat=False), but compile
+  # time grows with depth. On CPU the scanned default with remat now runs as fast or faster
+  # (bench/RESULTS.md), so unrolling is for experiments. Same parameters either way.
   unroll_layers: bool = False
 
   def __post_init__(self):
