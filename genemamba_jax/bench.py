@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument("--remat-policy", choices=REMAT_POLICIES, default=None,
                       help=f"default: the model's, {GeneMambaConfig.remat_policy!r}")
   common.add_argument("--unroll-layers", action="store_true",
-                      help="unroll the loop over layers (faster on CPU; compile grows with depth)")
+                      help="unroll the loop over layers (compile time grows with depth)")
   common.add_argument("--objective", choices=objectives.OBJECTIVES, default="next_gene")
   step = commands.add_parser("train-step", parents=[common], help="time training steps")
   step.add_argument("--layers", type=_positive, default=4)

@@ -270,4 +270,3 @@ def test_unfused_copy_is_exact(dtype):
   np.testing.assert_array_equal(np.asarray(jax.jit(unfused_copy)(a), np.float32),
                                 np.asarray(a, np.float32))
   assert unfused_copy(a).dtype == dtype
-

@@ -70,8 +70,8 @@ class GeneMambaConfig:
   # also the fastest choice under the layer scan: XLA copies every kept activation into stacked
   # [n_layers, ...] buffers, and keeping everything (remat=False) copies ~6x more. Measured on
   # CPU, 4 layers: +20-30% (Mamba-2) and +5-10% (Mamba-1) tokens/s over remat=False, and half
-  # the planned memory (bench/RESULTS.md). nothing_saveable recomputes whole layers (least memory);
-  # everything_saveable / remat=False keeps everything.
+  # the planned memory (bench/RESULTS.md). nothing_saveable recomputes whole layers (least
+  # memory); everything_saveable / remat=False keeps everything.
   remat: bool = True
   remat_policy: Literal["in_proj_and_scan_saveable", "nothing_saveable", "dots_saveable",
                         "dots_with_no_batch_dims_saveable", "everything_saveable"] = (

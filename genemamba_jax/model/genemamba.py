@@ -2,8 +2,8 @@
 
 The layers are created stacked (`nnx.vmap`, one leading "layers" axis on every
 parameter) and applied with `nnx.scan`, so compile time does not grow with
-depth (`config.unroll_layers` unrolls it: faster on CPU, compile time grows
-with depth); `config.remat` (default on) keeps only what `config.remat_policy` names of a
+depth (`config.unroll_layers` unrolls it; compile time then grows with
+depth); `config.remat` (default on) keeps only what `config.remat_policy` names of a
 layer's activations for the backward and recomputes the rest. The residual
 stream is float32; mixers compute in `config.dtype`.
 """

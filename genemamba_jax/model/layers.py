@@ -64,7 +64,7 @@ def unfused_copy(a: jax.Array) -> jax.Array:
   [n_layers, ...] arrays with dynamic slices and fuses those into the elementwise loops
   that read them. For the causal conv's taps (static slices of that dynamic slice) the
   fused conv + silu loop then ran ~6x slower on CPU (9.7 vs 1.7 ms at [16, 512, 384]) and
-  the whole Mamba-2 train step 18% slower (bench/RESULTS.md). XLA does not fuse a matmul
+  the whole Mamba-2 train step ~15% slower (bench/RESULTS.md). XLA does not fuse a matmul
   into an elementwise loop (and drops `optimization_barrier`s before fusing), so a matmul
   by the identity gives the taps their own buffer. HIGHEST precision keeps the product
   exact on every backend (1 * x + 0 * y, no TF32 or bf16 passes).

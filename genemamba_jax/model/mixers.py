@@ -14,10 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from genemamba_jax.model.config import GeneMambaConfig
+from genemamba_jax.model.config import SAVED_ACTIVATIONS, GeneMambaConfig
 from genemamba_jax.model.layers import (GatedRMSNorm, causal_conv1d, dt_bias_init, linear,
                                         uniform_init)
 from genemamba_jax.ops import selective_scan, ssd
+
+
+# Activation names the default remat policy saves (config.SAVED_ACTIVATIONS); a no-op otherwise.
+_IN_PROJ, _SCAN_OUTPUT = SAVED_ACTIVATIONS
 
 
 def _f32(a: jax.Array) -> jax.Array:
@@ -71,8 +75,7 @@ class Mamba1Mixer(nnx.Module):
   def __call__(self, u: jax.Array) -> jax.Array:
     """u: [B, L, d_model] -> [B, L, d_model] in config.dtype."""
     cfg = self.config
-    # Named for the remat policy (config.SAVED_ACTIVATIONS); a no-op otherwise.
-    xz = checkpoint_name(self.in_proj(u.astype(self.dtype)), "in_proj")  # [B, L, 2 d_inner]
+    xz = checkpoint_name(self.in_proj(u.astype(self.dtype)), _IN_PROJ)  # [B, L, 2 d_inner]
     x, z = jnp.split(xz, 2, axis=-1)
     x = jax.nn.silu(self.conv1d(x))  # [B, L, d_inner]
     dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
@@ -84,7 +87,7 @@ class Mamba1Mixer(nnx.Module):
     # float32 x keeps y in float32 for the gating, as mamba_ssm's reference does.
     y = selective_scan(_f32(x), dt, A, B, C, self.D[...], backend=cfg.scan_backend,
                        chunk_size=cfg.scan_chunk_size)  # [B, L, d_inner] f32
-    y = checkpoint_name(y, "scan_output")
+    y = checkpoint_name(y, _SCAN_OUTPUT)
     y = y * jax.nn.silu(_f32(z))
     return self.out_proj(y.astype(self.dtype))
 
@@ -135,9 +138,8 @@ class Mamba2Mixer(nnx.Module):
     cfg = self.config
     b, length, _ = u.shape
     di, gn = self.d_inner, self.ngroups * self.d_state
-    # Named for the remat policy (config.SAVED_ACTIVATIONS); a no-op otherwise.
     # [B, L, 2 di + 2 G N + H]
-    zxbcdt = checkpoint_name(self.in_proj(u.astype(self.dtype)), "in_proj")
+    zxbcdt = checkpoint_name(self.in_proj(u.astype(self.dtype)), _IN_PROJ)
     z, xbc, dt = jnp.split(zxbcdt, [di, di + self.conv_dim], axis=-1)
     xbc = jax.nn.silu(self.conv1d(xbc))  # [B, L, conv_dim]
     x, B, C = jnp.split(xbc, [di, di + gn], axis=-1)
@@ -147,6 +149,6 @@ class Mamba2Mixer(nnx.Module):
             B.reshape(b, length, self.ngroups, self.d_state),
             C.reshape(b, length, self.ngroups, self.d_state), self.D[...],
             backend=cfg.scan_backend, chunk_size=cfg.scan_chunk_size)  # [B, L, H, P] f32
-    y = checkpoint_name(y, "scan_output")
+    y = checkpoint_name(y, _SCAN_OUTPUT)
     y = self.norm(y.reshape(b, length, di), z)  # [B, L, di] in compute dtype
     return self.out_proj(y)
