@@ -1,4 +1,4 @@
-"""Gene annotations: gene tables, symbol -> Ensembl id maps, GMT gene sets."""
+"""Gene annotations: gene tables, symbol -> Ensembl id maps, GMT gene sets, Gene2Vec pairs."""
 
 import csv
 import gzip
@@ -241,3 +241,44 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
   if not sets:
     raise DataError(f"{path}: no gene sets found")
   return sets
+
+
+# Where users get the pair files; named in the README and in the missing-file error.
+GENE2VEC_PAIRS_SOURCE = "https://github.com/jingcheng-du/Gene2vec (folder predictionData/)"
+
+
+def _read_pair_lines(path: Path) -> list[str]:
+  try:
+    return path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:  # FileNotFoundError included
+    raise DataError(f"{path}: cannot read it ({e}); expected the Gene2Vec pair files "
+                    f"<split>_text.txt and <split>_label.txt, from {GENE2VEC_PAIRS_SOURCE}"
+                    ) from None
+
+
+def read_gene_pairs(text_path: str | Path, label_path: str | Path) -> pd.DataFrame:
+  """Reads Gene2Vec pair files: two gene symbols a line, and a 0/1 label a line.
+
+  Returns:
+    DataFrame with columns gene_a, gene_b (str), label (int64, 0 or 1), one
+    row per line, in file order.
+
+  Raises:
+    DataError: a file is missing, the two files have different line counts,
+      a text line does not hold exactly two genes, or a label is not 0/1.
+  """
+  text_path, label_path = Path(text_path), Path(label_path)
+  text, labels = _read_pair_lines(text_path), _read_pair_lines(label_path)
+  if len(text) != len(labels):
+    raise DataError(f"{text_path} has {len(text)} lines but {label_path} has "
+                    f"{len(labels)}; they must pair line by line")
+  genes = [line.split() for line in text]
+  for i, fields in enumerate(genes, start=1):
+    if len(fields) != 2:
+      raise DataError(f"{text_path}, line {i}: expected two gene symbols, "
+                      f"got {len(fields)} ({text[i - 1]!r})")
+  for i, v in enumerate(labels, start=1):
+    if v.strip() not in ("0", "1"):
+      raise DataError(f"{label_path}, line {i}: label must be 0 or 1, got {v!r}")
+  return pd.DataFrame({"gene_a": [g[0] for g in genes], "gene_b": [g[1] for g in genes],
+                       "label": np.array([int(v) for v in labels], dtype=np.int64)})

@@ -17,6 +17,7 @@ from scipy.stats import entropy
 from sklearn.metrics import roc_auc_score
 
 from genemamba_jax.atomic import atomic_path, write_bytes_atomic
+from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data.errors import DataError
 from genemamba_jax.data.jsonio import write_json_atomic
 
@@ -25,14 +26,6 @@ from genemamba_jax.data.jsonio import write_json_atomic
 EPS = 1e-10
 MIN_PAIRS_PER_LABEL = 10
 METRICS = ("cosine", "pearson")
-
-
-def _read_lines(path: Path) -> list[str]:
-  try:
-    return path.read_text(encoding="utf-8").splitlines()
-  except (OSError, UnicodeDecodeError) as e:  # FileNotFoundError included
-    raise DataError(f"{path}: cannot read it ({e}); expected the Gene2Vec pair "
-                    "files <split>_text.txt and <split>_label.txt") from None
 
 
 def load_pairs(pairs_dir, split: str = "test") -> pd.DataFrame:
@@ -49,21 +42,8 @@ def load_pairs(pairs_dir, split: str = "test") -> pd.DataFrame:
     DataError: a file is missing, the two files have different line counts,
       a text line does not hold exactly two genes, or a label is not 0/1.
   """
-  text_path, label_path = (Path(pairs_dir) / f"{split}_{k}.txt" for k in ("text", "label"))
-  text, labels = _read_lines(text_path), _read_lines(label_path)
-  if len(text) != len(labels):
-    raise DataError(f"{text_path} has {len(text)} lines but {label_path} has "
-                    f"{len(labels)}; they must pair line by line")
-  genes = [line.split() for line in text]
-  for i, fields in enumerate(genes, start=1):
-    if len(fields) != 2:
-      raise DataError(f"{text_path}, line {i}: expected two gene symbols, "
-                      f"got {len(fields)} ({text[i - 1]!r})")
-  for i, v in enumerate(labels, start=1):
-    if v.strip() not in ("0", "1"):
-      raise DataError(f"{label_path}, line {i}: label must be 0 or 1, got {v!r}")
-  return pd.DataFrame({"gene_a": [g[0] for g in genes], "gene_b": [g[1] for g in genes],
-                       "label": np.array([int(v) for v in labels], dtype=np.int64)})
+  return genes_lib.read_gene_pairs(*(Path(pairs_dir) / f"{split}_{k}.txt"
+                                     for k in ("text", "label")))
 
 
 def _similarity(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
