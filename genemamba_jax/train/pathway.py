@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,23 @@ from genemamba_jax.train.objectives import position_uniform
 
 _log = logging.getLogger(__name__)
 _MASKED = -1e9  # finite stand-in for -inf: keeps gradients of empty rows finite
+
+
+def gene_token_lookup(vocab: Mapping[str, int], gene_map: Mapping[str, str] | None = None
+                      ) -> Callable[[str], int | None]:
+  """symbol -> vocabulary id, or None when the gene is not a (non-special) token.
+
+  A symbol maps to `gene_map[symbol]` when that id is a token, else to itself
+  when the vocabulary holds symbols (an Ensembl id passes through unchanged).
+  """
+  vocab = getattr(vocab, "token_to_id", vocab)
+  genes = {t: i for t, i in vocab.items() if not is_special(t)}
+
+  def token_id(symbol: str) -> int | None:
+    candidates = (gene_map.get(symbol) if gene_map is not None else None, symbol)
+    return next((genes[c] for c in candidates if c is not None and c in genes), None)
+
+  return token_id
 
 
 def load_gene_sets(gmt_paths: str | Path | Sequence[str | Path], vocab: Mapping[str, int],
@@ -65,7 +83,7 @@ def load_gene_sets(gmt_paths: str | Path | Sequence[str | Path], vocab: Mapping[
   """
   paths = [gmt_paths] if isinstance(gmt_paths, (str, Path)) else list(gmt_paths)
   vocab = getattr(vocab, "token_to_id", vocab)
-  genes = {t: i for t, i in vocab.items() if not is_special(t)}
+  token_id = gene_token_lookup(vocab, gene_map)
   vocab_size = max(vocab.values()) + 1
   columns, names, symbols, mapped = [], [], set(), set()
   for path in paths:
@@ -73,10 +91,9 @@ def load_gene_sets(gmt_paths: str | Path | Sequence[str | Path], vocab: Mapping[
       symbols.update(members)
       ids = []
       for symbol in members:
-        candidates = (gene_map.get(symbol) if gene_map is not None else None, symbol)
-        token = next((c for c in candidates if c is not None and c in genes), None)
+        token = token_id(symbol)
         if token is not None:
-          ids.append(genes[token])
+          ids.append(token)
           mapped.add(symbol)
       ids = sorted(set(ids))  # two symbols can map to one token
       if len(ids) < min_size:
@@ -115,6 +132,34 @@ def sample_gene_positions(tokens: jax.Array, mask: jax.Array, eligible_ids: jax.
   return jnp.where(valid, positions, 0).astype(jnp.int32), valid
 
 
+def sampled_similarity(hidden: jax.Array, positions: jax.Array, tau: float) -> jax.Array:
+  """Cosine similarity / tau of the sampled genes' states, across the whole batch.
+
+  hidden: [B, L, d]; positions: [B, K]. Returns [N, N] float32, N = B * K,
+  row b * K + k for slot k of cell b (filler slots included: mask them).
+  """
+  h = jnp.take_along_axis(hidden, positions[..., None], axis=1).astype(jnp.float32)
+  h = h * jax.lax.rsqrt(jnp.maximum(jnp.sum(h * h, axis=-1, keepdims=True), 1e-12))
+  flat = h.reshape(positions.size, -1)
+  return flat @ flat.T / tau
+
+
+def infonce(similarity: jax.Array, positive: jax.Array, candidates: jax.Array) -> jax.Array:
+  """Multi-positive InfoNCE; 0 without any positive pair.
+
+  similarity: [N, N] (already / tau); candidates: [N, N] bool, the terms of
+  anchor i's denominator; positive: [N, N] bool, a subset of candidates, its
+  numerator. The mean over the anchors with >= 1 positive of
+
+      -log( sum_{p in positive(i)} exp(s_ip) / sum_{j in candidates(i)} exp(s_ij) )
+  """
+  log_positive = jax.nn.logsumexp(jnp.where(positive, similarity, _MASKED), axis=1)
+  log_all = jax.nn.logsumexp(jnp.where(candidates, similarity, _MASKED), axis=1)
+  anchor = jnp.any(positive, axis=1)
+  per_anchor = jnp.where(anchor, log_all - log_positive, 0.0)
+  return jnp.sum(per_anchor) / jnp.maximum(jnp.sum(anchor), 1).astype(jnp.float32)
+
+
 def pathway_infonce(hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
                     valid: jax.Array, membership: jax.Array, tau: float) -> jax.Array:
   """The InfoNCE of the module docstring on given samples; 0 without any positive pair.
@@ -122,25 +167,17 @@ def pathway_infonce(hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
   hidden: [B, L, d]; tokens: [B, L]; positions, valid: [B, K]; membership: [V, S] bool.
   """
   batch, k = positions.shape
-  h = jnp.take_along_axis(hidden, positions[..., None], axis=1).astype(jnp.float32)
-  h = h * jax.lax.rsqrt(jnp.maximum(jnp.sum(h * h, axis=-1, keepdims=True), 1e-12))
   sets = jnp.asarray(membership)[jnp.take_along_axis(tokens, positions, axis=1)]
   sets = sets.astype(jnp.float32)  # [B, K, S]
   shared = jnp.einsum("bks,bjs->bkj", sets, sets) > 0  # within a cell only: O(B K^2 S)
   n = batch * k
-  flat = h.reshape(n, -1)
-  sim = flat @ flat.T / tau  # [N, N]
   valid = valid.reshape(n)
   others = valid[:, None] & valid[None, :] & ~jnp.eye(n, dtype=bool)
   cell = jnp.arange(n) // k
   slot = jnp.arange(n) % k
   same_cell = cell[:, None] == cell[None, :]
   positive = others & same_cell & shared[cell[:, None], slot[:, None], slot[None, :]]
-  log_positive = jax.nn.logsumexp(jnp.where(positive, sim, _MASKED), axis=1)
-  log_all = jax.nn.logsumexp(jnp.where(others, sim, _MASKED), axis=1)
-  anchor = jnp.any(positive, axis=1)
-  per_anchor = jnp.where(anchor, log_all - log_positive, 0.0)
-  return jnp.sum(per_anchor) / jnp.maximum(jnp.sum(anchor), 1).astype(jnp.float32)
+  return infonce(sampled_similarity(hidden, positions, tau), positive, others)
 
 
 @jax.tree_util.register_dataclass
@@ -151,6 +188,7 @@ class PathwayLoss:
   A pytree whose only leaf is `membership`, so a jitted step can take it as an
   argument instead of baking a [V, S] constant into the program.
   """
+  name: ClassVar[str] = "pathway"  # metric "loss/pathway"
   membership: jax.Array  # [V, S] bool, from `load_gene_sets`
   gamma: float = dataclasses.field(default=0.1, metadata={"static": True})  # the paper's
   tau: float = dataclasses.field(default=0.07, metadata={"static": True})  # paper: not given
