@@ -82,7 +82,7 @@ class Predictions(NamedTuple):
   logits: jax.Array  # [B, L, V] float32; logits[:, t] predicts targets[:, t]
   targets: jax.Array  # [B, L] int32
   weights: jax.Array  # [B, L] bool: positions that count in the loss
-  hidden: jax.Array | None  # [B, L, d] same-position states (for a pathway loss), or None
+  hidden: jax.Array | None  # [B, L, d] same-position states (for auxiliary losses), or None
   gene_mask: jax.Array  # [B, L] bool: positions whose `hidden` stands for their own gene
 
 
@@ -132,7 +132,7 @@ def separate_states(model, tokens: jax.Array, mask: jax.Array, same_position: bo
                     ) -> tuple[jax.Array, jax.Array | None]:
   """One pass of a separate-streams model -> (next-gene states, same-position states or None).
 
-  `model.stream_states`: the layers run once even when the pathway loss also
+  `model.stream_states`: the layers run once even when an auxiliary loss also
   needs the same-position states.
   """
   next_hidden, hidden = model.stream_states(tokens, mask)
@@ -160,7 +160,7 @@ def predictions(model, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
                        hidden if with_hidden else None, mask)
   inputs, chosen = mlm_corrupt(tokens, mask, rng, objective, model.config.vocab_size)
   hidden = model.encode(inputs, mask)
-  # A corrupted position's state is not its own gene's: leave it out of the pathway loss.
+  # A corrupted position's state is not its own gene's: leave it out of auxiliary losses.
   return Predictions(model.logits(hidden), tokens, chosen,
                      hidden if with_hidden else None, mask & ~chosen)
 
@@ -179,26 +179,45 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
   return loss, jnp.sum(correct).astype(jnp.float32) / count
 
 
-def loss_fn(model, batch: dict, rng: jax.Array, objective: ObjectiveConfig, pathway=None
+def _aux_tuple(aux_losses) -> tuple:
+  """None, one auxiliary loss or a sequence of them -> a tuple; names must differ."""
+  if aux_losses is None:
+    return ()
+  aux_losses = (aux_losses,) if hasattr(aux_losses, "name") else tuple(aux_losses)
+  names = [aux.name for aux in aux_losses]
+  if len(set(names)) != len(names):
+    raise ValueError(f"auxiliary losses {names}: each name once (they are logged as loss/<name>)")
+  return aux_losses
+
+
+def loss_fn(model, batch: dict, rng: jax.Array, objective: ObjectiveConfig, aux_losses=None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss (objective + gamma * pathway) and metrics for one batch.
+  """Total loss (objective + sum of gamma * auxiliary loss) and metrics for one batch.
 
   batch: {"tokens": [B, L] int32, "mask": [B, L] bool (default tokens != pad), ...}.
-  pathway: a `genemamba_jax.train.pathway.PathwayLoss` or None; it is applied
-  to the same-position states of the genes the objective leaves uncorrupted.
-  Metrics: "loss" (the total), f"loss/{name}", "accuracy" and "loss/pathway".
+  aux_losses: None, or one or a sequence of auxiliary losses
+  (`pathway.PathwayLoss`, `coexpression.CoexpressionLoss`: pytrees with a
+  class attribute `name`, a static `gamma`, and `__call__(hidden, tokens,
+  mask, rng) -> scalar`); each is applied to the same-position states of the
+  genes the objective leaves uncorrupted.
+  Metrics: "loss" (the total), f"loss/{name}" of the objective and of each
+  auxiliary loss, and "accuracy".
   """
+  aux_losses = _aux_tuple(aux_losses)
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   mask = batch.get("mask")
   mask = tokens != objective.pad_id if mask is None else jnp.asarray(mask, bool)
-  objective_rng, pathway_rng = jax.random.split(rng)
-  pred = predictions(model, tokens, mask, objective_rng, objective, pathway is not None)
+  objective_rng, aux_rng = jax.random.split(rng)
+  pred = predictions(model, tokens, mask, objective_rng, objective, bool(aux_losses))
   loss, accuracy = cross_entropy(pred.logits, pred.targets, pred.weights)
   metrics = {f"loss/{objective.name}": loss, "accuracy": accuracy}
   total = loss
-  if pathway is not None:
-    pathway_loss = pathway(pred.hidden, tokens, pred.gene_mask, pathway_rng)
-    metrics["loss/pathway"] = pathway_loss
-    total = loss + pathway.gamma * pathway_loss
+  for i, aux in enumerate(aux_losses):
+    # The first keeps the key the pathway loss always had (same draws as before the
+    # co-expression loss existed); the others get keys of their own.
+    aux_loss = aux(pred.hidden, tokens, pred.gene_mask,
+                   aux_rng if i == 0 else jax.random.fold_in(aux_rng, i))
+    metrics[f"loss/{aux.name}"] = aux_loss
+    total = total + aux.gamma * aux_loss
   metrics["loss"] = total
   return total, metrics

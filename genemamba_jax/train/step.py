@@ -27,19 +27,21 @@ def init_state(model, tx: optax.GradientTransformation, seed: int) -> dict:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
                     objective: objectives.ObjectiveConfig, accumulate_steps: int = 1) -> Callable:
-  """(state, batch, pathway) -> (state, metrics); one optimizer update (or accumulation step).
+  """(state, batch, aux_losses) -> (state, metrics); one optimizer update (or accumulation step).
 
-  `pathway` (a PathwayLoss pytree, or None) is an argument, not a closure, so
-  its gene-set matrix is an input of the compiled step rather than a constant.
+  `aux_losses` (a tuple of auxiliary-loss pytrees such as PathwayLoss and
+  CoexpressionLoss, see `objectives.loss_fn`) is an argument, not a closure, so
+  their gene-set and gene-pair arrays are inputs of the compiled step rather
+  than constants.
   """
 
-  def train_step(state: dict, batch: dict, pathway=None) -> tuple[dict, dict]:
+  def train_step(state: dict, batch: dict, aux_losses=()) -> tuple[dict, dict]:
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     step_rng = jax.random.fold_in(step_rng, jax.process_index())
 
     def loss(params):
       model = nnx.merge(graphdef, params)
-      return objectives.loss_fn(model, batch, step_rng, objective, pathway)
+      return objectives.loss_fn(model, batch, step_rng, objective, aux_losses)
 
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -54,11 +56,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
 
 def make_eval_step(graphdef, objective: objectives.ObjectiveConfig) -> Callable:
-  """(params, batch, rng, pathway) -> metrics, without gradients."""
+  """(params, batch, rng, aux_losses) -> metrics, without gradients."""
 
-  def eval_step(params, batch: dict, rng: jax.Array, pathway=None) -> dict:
+  def eval_step(params, batch: dict, rng: jax.Array, aux_losses=()) -> dict:
     model = nnx.merge(graphdef, params)
-    _, metrics = objectives.loss_fn(model, batch, rng, objective, pathway)
+    _, metrics = objectives.loss_fn(model, batch, rng, objective, aux_losses)
     return metrics
 
   return eval_step
