@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -25,8 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import jax
-import torch
 import results
 import torch_peers
 
@@ -114,22 +111,6 @@ def run(steps: int, peer_steps: int, backends: bool, compile_layers: list[int]) 
   return out
 
 
-def machine() -> str:
-  try:
-    info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    model = fields.get("Model name", "?").strip()
-    # VMs often report a generic model name: the vector width tells the machines apart.
-    flags = fields.get("Flags", "").split()
-    model += " (AVX-512)" if "avx512f" in flags else " (AVX2)" if "avx2" in flags else ""
-    cpus = fields.get("CPU(s)", str(os.cpu_count())).strip()
-  except (OSError, subprocess.CalledProcessError):
-    model, cpus = "?", str(os.cpu_count())
-  return (f"{model}, {cpus} cores; python {sys.version.split()[0]}, jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
-
-
 def _tps(result: dict) -> str:
   return f"{result['tokens_per_s']:,.0f}"
 
@@ -155,7 +136,7 @@ def section(out: dict, seconds: float, steps: int, peer_steps: int) -> str:
       "(embedding, 4 layers of x + (mixer(x) + flip(mixer(flip(x)))) / 2, RMSNorm, Linear "
       f"head with bias), next-token cross-entropy, AdamW, 1 warm-up step, {peer_steps} timed. "
       "tokens/s = 4,096 x timed steps / their total time. Ratio = ours / peer."), "",
-      f"- machine: {machine()}",
+      f"- machine: {results.machine()}",
       f"- run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
       f"{seconds:.0f} s in all; 1-minute load average during the run: "
       + ", ".join(f"{x:.2f}" for x in out["load"]), "",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,3 +71,31 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
   """Writes `data` to `path` atomically (see atomic_path)."""
   with atomic_path(path) as tmp:
     tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a fresh temporary directory beside `path`; renames it to `path` when the block succeeds.
+
+  Readers never see a half-written `path`: it appears complete or not at all.
+  `path` must not exist, or be an empty directory (replaced); otherwise
+  FileExistsError. If the block raises, the temporary directory is removed. A
+  process killed mid-block leaves only a hidden `.<name>.<random>.tmp`
+  sibling, which nothing reads and the next `atomic_dir` on `path` removes.
+  """
+  path = Path(path)
+  if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+    raise FileExistsError(f"{path} exists")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier run
+    shutil.rmtree(stale, ignore_errors=True)
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  tmp.mkdir()
+  try:
+    yield tmp
+    if path.exists():
+      path.rmdir()
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -1,9 +1,11 @@
-"""Train-step benchmarks of the full GeneMamba: throughput and compile time on this machine.
+"""Benchmarks of the full GeneMamba on this machine: train step, compile time, embedding.
 
     python -m genemamba_jax.bench train-step --mixer mamba2 --d-model 128 --layers 4 \
         --seq-len 512 --batch 8 --vocab 2000 [--d-state N] [--steps 10] [--backend auto] \
         [--dtype float32] [--remat | --no-remat] [--remat-policy P] [--unroll-layers]
     python -m genemamba_jax.bench compile-time --layers 12 24 48 [--mixer mamba2 ...]
+    python -m genemamba_jax.bench embed-step --d-model 512 --layers 2 --seq-len 2048 \
+        --batch 8 --vocab 25426 [--combine mean] [--steps 5] [--chunk-size 64]
 
 `train-step` times the real training step (`genemamba_jax.train.step.make_train_step`:
 the default leak-free `next_gene` objective on a separate-streams model, AdamW of
@@ -11,7 +13,11 @@ the default leak-free `next_gene` objective on a separate-streams model, AdamW o
 warm-up, and ends with the line `tokens_per_s=<number>` (tokens = batch *
 seq_len per step). `compile-time` prints the seconds XLA takes to lower and
 compile that step for each depth; layers are applied with `nnx.scan`, so the
-figure should not grow with depth.
+figure should not grow with depth. `embed-step` times the forward pass that
+`embed` runs (`inference.embedding_fn`: encode + mean pooling, jitted) on the
+original GeneMamba's layout (what `convert from-pytorch` gives: mixed streams,
+Mamba-2 with d_state 64, the residual inside the combination), random weights
+and full rows, after compilation; its last line is `cells_per_s=<number>`.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
-from genemamba_jax.model.config import DTYPES, MIXERS, REMAT_POLICIES, SCAN_BACKENDS
+from genemamba_jax.model.config import COMBINES, DTYPES, MIXERS, REMAT_POLICIES, SCAN_BACKENDS
 from genemamba_jax.train import objectives
 from genemamba_jax.train import optimizer as optimizer_lib
 from genemamba_jax.train import step as step_lib
@@ -162,6 +168,53 @@ def compile_seconds(layers: Sequence[int], mixer: str = "mamba2", d_model: int =
   return out
 
 
+def original_layout_config(d_model: int = 512, layers: int = 24, vocab: int = 25_426,
+                           combine: str = "mean", chunk_size: int = 64,
+                           backend: str | None = None, dtype: str = "float32") -> GeneMambaConfig:
+  """The model `convert from-pytorch` builds for the original's checkpoints of these sizes."""
+  from genemamba_jax.convert.original_files import ORIGINAL_MIXER  # pylint: disable=g-import-not-at-top
+  config = GeneMambaConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, combine=combine,
+                           shared_combine=combine in ("concat", "gate"), residual="inside",
+                           scan_chunk_size=chunk_size, dtype=dtype, **ORIGINAL_MIXER)
+  return config.replace(scan_backend=backend) if backend else config
+
+
+def time_embed(model: GeneMamba, tokens: np.ndarray, mask: np.ndarray, steps: int = 5,
+               warmup: int = 1) -> dict:
+  """Times `embed`'s jitted batch function (mean pooling) on one batch, after compiling.
+
+  Returns {"cells_per_s", "batch_ms_median", "batch_ms_min", "compile_s", "embedding"
+  ([B, d] of the last call)}.
+  """
+  from genemamba_jax import inference  # pylint: disable=g-import-not-at-top
+  step = inference.batch_step(inference.embedding_fn(("mean",), model.config.vocab_size), model)
+  tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool)
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(step(tokens, mask, None))
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    out = jax.block_until_ready(step(tokens, mask, None))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(step(tokens, mask, None))
+    times.append(time.perf_counter() - t0)
+  return {"cells_per_s": len(tokens) * steps / sum(times),
+          "batch_ms_median": 1e3 * statistics.median(times), "batch_ms_min": 1e3 * min(times),
+          "compile_s": compile_s, "embedding": np.asarray(out[0]["mean"])}
+
+
+def time_embed_step(d_model: int = 512, layers: int = 2, seq_len: int = 2048, batch: int = 8,
+                    vocab: int = 25_426, steps: int = 5, warmup: int = 1, combine: str = "mean",
+                    chunk_size: int = 64, backend: str | None = None, dtype: str = "float32",
+                    seed: int = 0) -> dict:
+  """`time_embed` on a randomly initialised model of the original's layout and random cells."""
+  config = original_layout_config(d_model, layers, vocab, combine, chunk_size, backend, dtype)
+  model = GeneMamba(config, rngs=nnx.Rngs(seed))
+  data = random_batch(batch, seq_len, vocab, seed)
+  return dict(time_embed(model, data["tokens"], data["mask"], steps, warmup), config=config)
+
+
 def _positive(text: str) -> int:
   value = int(text)
   if value < 1:
@@ -201,7 +254,34 @@ def _parser() -> argparse.ArgumentParser:
   compile_ = commands.add_parser("compile-time", parents=[common],
                                  help="lower + compile seconds per depth")
   compile_.add_argument("--layers", type=_positive, nargs="+", default=[12, 24, 48])
+  embed = commands.add_parser("embed-step", help="time embed's forward pass (cells/s)")
+  embed.add_argument("--d-model", type=_positive, default=512)
+  embed.add_argument("--layers", type=_positive, default=2)
+  embed.add_argument("--seq-len", type=_positive, default=2048)
+  embed.add_argument("--batch", type=_positive, default=8)
+  embed.add_argument("--vocab", type=int, default=25_426, help=f"> {FIRST_GENE_ID}")
+  embed.add_argument("--combine", choices=COMBINES, default="mean")
+  embed.add_argument("--chunk-size", type=_positive, default=64, help="SSD chunk length")
+  embed.add_argument("--backend", choices=SCAN_BACKENDS, default=None)
+  embed.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+  embed.add_argument("--steps", type=_positive, default=5, help="timed batches")
+  embed.add_argument("--warmup", type=int, default=1, help="untimed batches after compiling")
   return parser
+
+
+def _embed_main(args) -> None:
+  result = time_embed_step(args.d_model, args.layers, args.seq_len, args.batch, args.vocab,
+                           args.steps, args.warmup, args.combine, args.chunk_size, args.backend,
+                           args.dtype)
+  config = result["config"]
+  print(f"jax {jax.__version__} ({jax.default_backend()}), {jax.device_count()} device(s); "
+        f"embed forward, original layout: d_model={config.d_model}, layers={config.n_layers}, "
+        f"seq_len={args.seq_len}, batch={args.batch}, vocab={config.vocab_size}, "
+        f"combine={config.combine}, chunk={config.scan_chunk_size}, dtype={config.dtype}")
+  print(f"| compile s | batch ms (median) | batch ms (min) | cells/s |\n|---|---|---|---|\n"
+        f"| {result['compile_s']:.1f} | {result['batch_ms_median']:.0f} | "
+        f"{result['batch_ms_min']:.0f} | {result['cells_per_s']:.2f} |")
+  print(f"cells_per_s={result['cells_per_s']:.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -209,6 +289,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.vocab <= FIRST_GENE_ID:
     parser.error(f"--vocab {args.vocab}: needs > {FIRST_GENE_ID} (ids 0-3 are special tokens)")
+  if args.command == "embed-step":
+    if args.warmup < 0:
+      parser.error(f"--warmup {args.warmup}: needs >= 0")
+    try:
+      original_layout_config(args.d_model, args.layers, args.vocab)
+    except ValueError as e:
+      parser.error(str(e))
+    return _embed_main(args)
   if args.command == "train-step" and args.warmup < 0:
     parser.error(f"--warmup {args.warmup}: needs >= 0")
   sizes = {"mixer": args.mixer, "d_model": args.d_model, "seq_len": args.seq_len,

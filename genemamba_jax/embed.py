@@ -70,7 +70,7 @@ def embed_source(model: pretrained_lib.Pretrained, source, *, poolings: Sequence
   vocab = model.vocab
   out = inference.embed_sentences(
       model.model, sentences, poolings=poolings, batch_size=batch_size, gene_context=gene_context,
-      special_ids=[vocab.pad_id, vocab.mask_id, vocab.cls_id, vocab.eos_id],
+      special_ids=vocab.special_ids,
       desc="embedding" if progress else None)
   gene_tokens = vocab.gene_token_ids(vocab.gene_ids)
   table = np.asarray(model.model.embeddings.embedding[...], np.float32)

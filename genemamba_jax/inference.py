@@ -10,6 +10,7 @@ padding invariant; rows never mix).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -52,11 +53,10 @@ def padded_batches(sentences: Sequence[np.ndarray], batch_size: int, pad_id: int
     yield start, start + len(rows), tokens, mask
 
 
-def _map_batches(fn: Callable, model: GeneMamba, sentences: Sequence[np.ndarray], batch_size: int,
-                 desc: str | None, carry=None):
-  """Runs jitted `fn(model, tokens, mask, carry) -> (per-row outputs, carry)` over all cells.
+def batch_step(fn: Callable, model: GeneMamba) -> Callable:
+  """`fn(model, tokens, mask, carry) -> (per-row outputs, carry)`, jitted over the split model.
 
-  Returns ([per-batch outputs, padding rows dropped, as numpy], final carry).
+  Returns `step(tokens [B, L], mask [B, L], carry) -> (outputs, carry)`.
   """
   graphdef, state = nnx.split(model)
 
@@ -64,10 +64,20 @@ def _map_batches(fn: Callable, model: GeneMamba, sentences: Sequence[np.ndarray]
   def step(state, tokens, mask, carry):
     return fn(nnx.merge(graphdef, state), tokens, mask, carry)
 
+  return functools.partial(step, state)
+
+
+def _map_batches(fn: Callable, model: GeneMamba, sentences: Sequence[np.ndarray], batch_size: int,
+                 desc: str | None, carry=None):
+  """Runs `batch_step(fn, model)` over all cells.
+
+  Returns ([per-batch outputs, padding rows dropped, as numpy], final carry).
+  """
+  step = batch_step(fn, model)
   outputs = []
   progress = tqdm(total=len(sentences), desc=desc, unit="cell", disable=desc is None)
   for start, stop, tokens, mask in padded_batches(sentences, batch_size, model.config.pad_id):
-    rows, carry = step(state, tokens, mask, carry)
+    rows, carry = step(tokens, mask, carry)
     outputs.append(jax.tree.map(lambda x, n=stop - start: np.asarray(x[:n]), rows))
     progress.update(stop - start)
   progress.close()
@@ -85,6 +95,31 @@ class Embeddings:
     """(token ids [G], mean final state [G, d]) of tokens seen at least `min_count` times."""
     ids = np.flatnonzero(self.gene_counts >= max(min_count, 1))
     return ids, (self.gene_sums[ids] / self.gene_counts[ids, None]).astype(np.float32)
+
+
+def embedding_fn(poolings: Sequence[str], vocab_size: int, special_ids: Sequence[int] = ()
+                 ) -> Callable:
+  """The per-batch work of `embed_sentences`, for `batch_step`.
+
+  `fn(model, tokens, mask, carry) -> ({pooling: [B, d]}, carry)`; carry None,
+  or (sums [V, d], counts [V]) to add each token's final states to.
+  """
+  specials = jnp.asarray(list(special_ids) or [-1], jnp.int32)
+
+  def fn(model, tokens, mask, carry):
+    hidden = model.encode(tokens, mask)
+    cells = {p: cell_embedding(hidden, mask, p) for p in poolings}
+    if carry is None:
+      return cells, None
+    sums, counts = carry
+    genes = mask & ~jnp.isin(tokens, specials)
+    # Out-of-range ids (masked positions) are dropped by segment_sum.
+    ids = jnp.where(genes, tokens, vocab_size).reshape(-1)
+    sums = sums + jax.ops.segment_sum(hidden.reshape(-1, hidden.shape[-1]), ids, vocab_size)
+    counts = counts + jax.ops.segment_sum(jnp.ones_like(ids), ids, vocab_size)
+    return cells, (sums, counts)
+
+  return fn
 
 
 def embed_sentences(model: GeneMamba, sentences: Sequence[np.ndarray], *,
@@ -106,21 +141,7 @@ def embed_sentences(model: GeneMamba, sentences: Sequence[np.ndarray], *,
     if pooling not in POOLINGS:
       raise ValueError(f"pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
   vocab = model.config.vocab_size
-  specials = jnp.asarray(list(special_ids) or [-1], jnp.int32)
-
-  def fn(model, tokens, mask, carry):
-    hidden = model.encode(tokens, mask)
-    cells = {p: cell_embedding(hidden, mask, p) for p in poolings}
-    if carry is None:
-      return cells, None
-    sums, counts = carry
-    genes = mask & ~jnp.isin(tokens, specials)
-    # Out-of-range ids (masked positions) are dropped by segment_sum.
-    ids = jnp.where(genes, tokens, vocab).reshape(-1)
-    sums = sums + jax.ops.segment_sum(hidden.reshape(-1, hidden.shape[-1]), ids, vocab)
-    counts = counts + jax.ops.segment_sum(jnp.ones_like(ids), ids, vocab)
-    return cells, (sums, counts)
-
+  fn = embedding_fn(poolings, vocab, special_ids)
   carry = None
   if gene_context:  # float32 per batch, accumulated across batches in float32 on device
     carry = (jnp.zeros((vocab, model.config.d_model), jnp.float32), jnp.zeros((vocab,), jnp.int32))

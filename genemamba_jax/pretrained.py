@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +40,18 @@ CHECKPOINTS = "checkpoints"
 
 def write_run_files(run_dir: str | os.PathLike, config: GeneMambaConfig, vocab: vocab_lib.Vocab,
                     medians: Mapping[str, float], tokenize: Mapping[str, Any],
-                    task: Mapping[str, Any] | None = None) -> None:
+                    task: Mapping[str, Any] | None = None,
+                    info: Mapping[str, Any] | None = None) -> None:
   """Writes model.json, vocab/ (and task.json) so the run's checkpoints can be loaded alone.
 
   `tokenize` holds at least max_len, cls, eos and log1p: how cells must be
-  tokenized to look like the training data.
+  tokenized to look like the training data. `info` goes to vocab/vocab_info.json too.
   """
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   jsonio.write_json_atomic(run_dir / MODEL_FILE, dataclasses.asdict(config))
-  vocab_lib.save_vocab_dir(run_dir / VOCAB_DIR, vocab, medians, {"tokenize": dict(tokenize)})
+  vocab_lib.save_vocab_dir(run_dir / VOCAB_DIR, vocab, medians,
+                           {**(info or {}), "tokenize": dict(tokenize)})
   if task is not None:
     jsonio.write_json_atomic(run_dir / TASK_FILE, dict(task))
 
@@ -192,3 +194,42 @@ def select_like(given: Mapping, like: Mapping) -> dict:
   def pick(k):  # Orbax gives string keys where the model's state may use ints
     return given[k] if k in given else given[str(k)]
   return {k: select_like(pick(k), v) if isinstance(v, Mapping) else pick(k) for k, v in like.items()}
+
+
+def add_tokens(loaded: Pretrained, tokens: Sequence[str]) -> Pretrained:
+  """`loaded` with `tokens` appended to its vocabulary (the next free ids) and to the model.
+
+  The new embedding (and untied LM head) rows start at the mean of the gene
+  rows, as the original starts its [CLS] for fine-tuning. Tokens the vocabulary
+  already holds are skipped.
+  """
+  new = [t for t in tokens if t not in loaded.vocab]
+  if not new:
+    return loaded
+  vocab = vocab_lib.Vocab({**loaded.vocab.token_to_id,
+                           **{t: len(loaded.vocab) + i for i, t in enumerate(new)}},
+                          f"{loaded.checkpoint.run_dir}/vocab + {', '.join(new)}")
+  config = loaded.config.replace(vocab_size=len(vocab))
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+  gene_rows = loaded.vocab.gene_token_ids(loaded.vocab.gene_ids)
+
+  def grow(table: np.ndarray, axis: int) -> np.ndarray:
+    mean = np.take(table, gene_rows, axis=axis).mean(axis=axis, keepdims=True)
+    return np.concatenate([table] + [mean] * len(new), axis=axis)
+
+  params["embeddings"]["embedding"] = grow(params["embeddings"]["embedding"], 0)
+  if "lm_head" in params:
+    for name, axis in (("kernel", 1), ("bias", 0)):
+      if name in params["lm_head"]:
+        params["lm_head"][name] = grow(params["lm_head"][name], axis)
+  if "lm_head_bias" in params:
+    params["lm_head_bias"] = grow(params["lm_head_bias"], 0)
+  model = build_model(config, params, f"{loaded.checkpoint.step_dir}")
+  return dataclasses.replace(loaded, model=model, config=config, vocab=vocab)
+
+
+def start_at_gene_mean(model: GeneMamba, vocab: vocab_lib.Vocab, token_id: int) -> None:
+  """Sets embedding row `token_id` to the mean gene embedding, in place (a token never trained)."""
+  table = model.embeddings.embedding
+  gene_rows = vocab.gene_token_ids(vocab.gene_ids)
+  table[...] = table[...].at[token_id].set(table[...][gene_rows].mean(axis=0))

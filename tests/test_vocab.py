@@ -46,13 +46,18 @@ def test_from_genes_rejects_bad_names():
     ({"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 4}, "contiguous"),
     ({"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 2}, "unique"),
     ({"<mask>": 0, "<pad>": 1, "<cls>": 2, "<eos>": 3}, "<pad> must have id 0"),
-    ({"<pad>": 0, "<mask>": 1, "G": 2, "<eos>": 3}, "no <cls>"),
     ({"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": "3"}, "not an integer"),
     ({"<pad>": -1, "<mask>": 0, "<cls>": 1, "<eos>": 2}, ">= 0"),
 ])
 def test_vocab_validation(tokens, message):
   with pytest.raises(DataError, match=message):
     Vocab(tokens, source="my_vocab.json")
+
+
+def test_vocab_without_cls_and_eos():
+  # The original GeneMamba's vocabulary (converted checkpoints) has no <cls> or <eos>.
+  v = Vocab({"<pad>": 0, "<mask>": 1, "G1": 2, "G2": 3})
+  assert (v.cls_id, v.eos_id, v.special_ids, v.gene_ids) == (None, None, [0, 1], ["G1", "G2"])
 
 
 def test_from_geneformer_appends_cls_eos():

@@ -29,6 +29,7 @@ from genemamba_jax.annotation import splits as splits_lib
 from genemamba_jax.annotation.head import CellTypeClassifier, ClassifierHead
 from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data import genes as genes_lib
+from genemamba_jax.data import vocab as vocab_lib
 from genemamba_jax.data.errors import DataError
 from genemamba_jax.data.readers import AnnDataSource
 from genemamba_jax.train.checkpoint import Checkpointer
@@ -44,12 +45,13 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
   # --- the pretrained backbone, with a trained-looking <cls>
   base = pretrained_lib.load_pretrained(c.init_checkpoint)
-  backbone = base.model
-  if not base.tokenize.get("cls") and base.task is None:
+  # <cls> first, as the original fine-tunes.
+  if base.vocab.cls_id is None:  # e.g. a converted original checkpoint: append the row
+    base = pretrained_lib.add_tokens(base, [vocab_lib.CLS])
+  elif not base.tokenize.get("cls") and base.task is None:
     # Never seen in pretraining: start it at the mean gene embedding (the original's choice).
-    table = backbone.embeddings.embedding
-    gene_rows = base.vocab.gene_token_ids(base.vocab.gene_ids)
-    table[...] = table[...].at[base.vocab.cls_id].set(jnp.mean(table[...][gene_rows], axis=0))
+    pretrained_lib.start_at_gene_mean(base.model, base.vocab, base.vocab.cls_id)
+  backbone = base.model
 
   # --- cells, labels, splits
   path = c.data.input

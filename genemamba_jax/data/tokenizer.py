@@ -80,6 +80,10 @@ class CellTokenizer:
   def __init__(self, vocab: vocab_lib.Vocab, medians: Mapping[str, float],
                config: TokenizeConfig = TokenizeConfig(), gene_map: Mapping[str, str] | None = None):
     self.vocab, self.config, self.gene_map = vocab, config, gene_map
+    for wanted, token in ((config.cls, vocab_lib.CLS), (config.eos, vocab_lib.EOS)):
+      if wanted and token not in vocab:
+        raise DataError(f"the vocabulary has no {token} token (e.g. one converted from the "
+                        f"original GeneMamba); tokenize without {token}")
     genes = [g for g in vocab.gene_ids if g in medians]
     # Target columns in token-id order, so equal scores rank by token id.
     genes.sort(key=vocab.token_to_id.__getitem__)

@@ -47,9 +47,11 @@ def _few(items: Iterable[Any], n: int = 5) -> str:
 class Vocab:
   """token -> id. Ids: <pad>=0, <mask>=1 always.
 
-  Ids are contiguous from 0; <cls> and <eos> are always present (their ids
-  depend on how the vocabulary was built). Gene tokens are every token that
-  is not `<...>`.
+  Ids are contiguous from 0. Vocabularies built here (`from_genes`,
+  `from_geneformer`) hold <cls> and <eos> (their ids depend on how the
+  vocabulary was built); one converted from the original GeneMamba may lack
+  them, and then `cls_id` / `eos_id` are None. Gene tokens are every token
+  that is not `<...>`.
   """
 
   def __init__(self, token_to_id: Mapping[str, int], source: str = "vocab"):
@@ -82,11 +84,6 @@ class Vocab:
       if self.token_to_id.get(token) != want:
         raise DataError(f"{source}: {token} must have id {want}, found "
                         f"{self.token_to_id.get(token)}")
-    for token in (CLS, EOS):
-      if token not in self.token_to_id:
-        raise DataError(f"{source}: the vocabulary has no {token} token; "
-                        "build it with Vocab.from_genes or "
-                        "Vocab.from_geneformer")
     self._id_to_token = list(self.token_to_id)
     self._gene_to_id = {t: i for t, i in self.token_to_id.items()
                         if not is_special(t)}
@@ -100,12 +97,17 @@ class Vocab:
     return self.token_to_id[MASK]
 
   @property
-  def cls_id(self) -> int:
-    return self.token_to_id[CLS]
+  def cls_id(self) -> int | None:
+    return self.token_to_id.get(CLS)
 
   @property
-  def eos_id(self) -> int:
-    return self.token_to_id[EOS]
+  def eos_id(self) -> int | None:
+    return self.token_to_id.get(EOS)
+
+  @property
+  def special_ids(self) -> list[int]:
+    """Ids of every special (`<...>`) token: never genes, never in gene statistics."""
+    return [i for t, i in self.token_to_id.items() if is_special(t)]
 
   @property
   def gene_ids(self) -> list[str]:

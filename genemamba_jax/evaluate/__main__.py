@@ -46,10 +46,8 @@ def _reconstruction(a) -> list[str]:
   sentences = [sentences[i] for i in chosen if len(sentences[i])]
   vocab = model.vocab
   summary, per_cell, hyps = reconstruction.reconstruct(
-      model.model, sentences, [vocab.pad_id, vocab.mask_id, vocab.cls_id, vocab.eos_id],
-      batch_size=a.batch_size)
-  specials = [vocab.cls_id, vocab.eos_id]
-  references = [s[~np.isin(s, specials)] for s in sentences]
+      model.model, sentences, vocab.special_ids, batch_size=a.batch_size)
+  references = [s[~np.isin(s, vocab.special_ids)] for s in sentences]
   reconstruction.write_outputs(summary, per_cell, a.out, references, hyps)
   cols = [c for c in ("l_dist", "nl_dist", "bleu1", "bleu4", "spearman", "exact_match")
           if c in summary]

@@ -75,7 +75,9 @@ class BiMambaLayer(nnx.Module):
   """x + combine(mixer(h), reverse(mixer(reverse(h)))), h = x or RMSNorm(x).
 
   `combine` is this layer's own `Combine` unless the model passes a shared one
-  (`shared_combine`, as the original code does).
+  (`shared_combine`, as the original code does). `config.residual` moves the
+  residual inside the combination (the original's arithmetic) or drops the
+  mixer (the original's public code); see GeneMambaConfig.
   """
 
   def __init__(self, config: GeneMambaConfig, *, rngs: nnx.Rngs):
@@ -88,17 +90,22 @@ class BiMambaLayer(nnx.Module):
     own = config.streams == "mixed" and not shared
     self.combine = Combine(config, rngs=rngs) if own else None
     self.dtype = jnp.dtype(config.dtype)
+    self.residual = config.residual
 
   def __call__(self, x: jax.Array, reverse_index: jax.Array,
                shared_combine: Combine | None = None) -> jax.Array:
     """x: [B, L, d] float32 residual stream; reverse_index: [B, L] from `reverse_valid_index`."""
+    combine = self.combine if self.combine is not None else shared_combine
+    if self.residual == "identity":  # both directions return x unchanged
+      return combine(x, x)
     h = self.norm(x) if self.norm is not None else x
     h = h.astype(self.dtype)
     # One mixer call on [2B, L, d]: both directions share weights and the work.
     both = self.mixer(jnp.concatenate([h, take_positions(h, reverse_index)], axis=0))
     forward, backward = jnp.split(both.astype(jnp.float32), 2, axis=0)
     backward = take_positions(backward, reverse_index)
-    combine = self.combine if self.combine is not None else shared_combine
+    if self.residual == "inside":
+      return combine(x + forward, x + backward)
     return x + combine(forward, backward)
 
   def streams(self, forward: jax.Array, backward: jax.Array,
@@ -108,6 +115,8 @@ class BiMambaLayer(nnx.Module):
     `backward` is kept in sequence order; its mixer reads it reversed, so state
     at t has seen positions t..n-1 only, and `forward` state at t positions 0..t.
     """
+    if self.residual == "identity":
+      return forward, backward
     hf, hb = forward, backward
     if self.norm is not None:
       hf, hb = self.norm(hf), self.norm(hb)

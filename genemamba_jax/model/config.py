@@ -8,6 +8,8 @@ from typing import Literal
 
 MIXERS = ("mamba1", "mamba2")
 COMBINES = ("mean", "sum", "concat", "gate")
+RESIDUALS = ("around", "inside", "identity")
+STREAMS = ("mixed", "separate")
 # "in_proj_and_scan_saveable" is ours (see `layer_remat_policy`); the others are
 # jax.checkpoint_policies names.
 REMAT_POLICIES = ("in_proj_and_scan_saveable", "nothing_saveable", "dots_saveable",
@@ -53,6 +55,13 @@ class GeneMambaConfig:
   # weights) and are combined only at the top, which makes a leak-free
   # bidirectional next-gene objective possible (see genemamba_jax.train.objectives).
   streams: Literal["mixed", "separate"] = "mixed"
+  # Where a mixed layer's residual joins, with f, b the mixer run on the sequence and on its
+  # reverse. "around": x + combine(f(x), b(x)), ours and the paper's equation. "inside":
+  # combine(x + f(x), x + b(x)), what the original PyTorch code computes (equal for mean, not
+  # for sum, concat and gate). "identity": combine(x, x), the original's public code, whose
+  # layers return their input and discard the mixer's output (README, "Using the original
+  # PyTorch GeneMamba checkpoints"). Separate streams: "around" and "inside" are the same.
+  residual: Literal["around", "inside", "identity"] = "around"
   prenorm: bool = False  # RMSNorm before each layer's mixer (the original has none)
   tie_embeddings: bool = False  # original: untied LM head with bias
   lm_head_bias: bool = True
@@ -94,8 +103,10 @@ class GeneMambaConfig:
       fail(f"scan_backend={self.scan_backend!r}; use one of {SCAN_BACKENDS}")
     if self.remat_policy not in REMAT_POLICIES:
       fail(f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}")
-    if self.streams not in ("mixed", "separate"):
-      fail(f"streams={self.streams!r}; use 'mixed' or 'separate'")
+    if self.streams not in STREAMS:
+      fail(f"streams={self.streams!r}; use one of {STREAMS}")
+    if self.residual not in RESIDUALS:
+      fail(f"residual={self.residual!r}; use one of {RESIDUALS}")
     if self.dtype not in DTYPES:
       fail(f"dtype={self.dtype!r}; use one of {DTYPES}")
     for name in ("vocab_size", "d_model", "n_layers", "d_conv", "expand", "headdim", "ngroups",

@@ -1,1 +1,1 @@
-"""Training: objectives, pathway loss, optimizer, sharding, checkpoints and the loop."""
+"""Training: objectives, pathway and co-expression losses, optimizer, sharding, checkpoints and the loop."""

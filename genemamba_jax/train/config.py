@@ -35,6 +35,14 @@ def default_config() -> ml_collections.ConfigDict:
       gene_map="",  # symbol -> vocabulary id table (pkl or TSV) when the vocab is not symbols
       gamma=0.1, tau=0.07, genes_per_cell=64,
   ))
+  c.coexpression = ml_collections.ConfigDict(dict(  # the review copy's co-expression InfoNCE
+      pairs="",  # a Gene2Vec pair folder or a *_text.txt file (labels: *_label.txt); empty = off
+      split="train",  # which {split}_text.txt / {split}_label.txt of a folder
+      gene_map="",  # symbol -> vocabulary id table (pkl or TSV) when the vocab is not symbols
+      gamma=0.1,  # weight of the loss in the total (the review copy's)
+      tau=0.1,  # temperature (the review copy's)
+      genes_per_cell=64,  # genes sampled per cell; the similarity is [B * this]^2
+  ))
   defaults = GeneMambaConfig()
   model = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(GeneMambaConfig)}
   model["vocab_size"] = 0
@@ -84,6 +92,10 @@ def check(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"batch_size={c.batch_size} is not divisible by the {_process_count()} processes")
   if c.pathway.gmt and not 0 < c.pathway.tau:
     raise ValueError(f"pathway.tau={c.pathway.tau} must be > 0")
+  if c.coexpression.pairs and not 0 < c.coexpression.tau:
+    raise ValueError(f"coexpression.tau={c.coexpression.tau} must be > 0")
+  if c.coexpression.pairs and c.coexpression.genes_per_cell < 1:
+    raise ValueError(f"coexpression.genes_per_cell={c.coexpression.genes_per_cell} must be >= 1")
   if len(c.profile_steps) not in (0, 2):
     raise ValueError("profile_steps is () or (first, last)")
 

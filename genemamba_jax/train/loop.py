@@ -25,6 +25,7 @@ from genemamba_jax.data.pipeline import PipelineConfig, make_dataset
 from genemamba_jax.data.vocab import Vocab
 from genemamba_jax.model import GeneMamba
 from genemamba_jax.train import checkpoint as checkpoint_lib
+from genemamba_jax.train import coexpression as coexpression_lib
 from genemamba_jax.train import config as config_lib
 from genemamba_jax.train import metrics as metrics_lib
 from genemamba_jax.train import objectives, sharding
@@ -75,12 +76,22 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       name=c.objective, pad_id=special.get("pad", 0), mask_id=special.get("mask", 1),
       special_ids=tuple(special[k] for k in ("cls", "eos") if special.get(k) is not None),
       mlm_probability=c.mlm_probability)
-  pathway = None
+  aux_losses = []
   if c.pathway.gmt:
     gene_map = genes.load_gene_map(c.pathway.gene_map) if c.pathway.gene_map else None
     membership, _ = pathway_lib.load_gene_sets(list(c.pathway.gmt), manifest["vocab"], gene_map)
-    pathway = pathway_lib.PathwayLoss(jnp.asarray(membership), gamma=c.pathway.gamma,
-                                      tau=c.pathway.tau, genes_per_cell=c.pathway.genes_per_cell)
+    aux_losses.append(pathway_lib.PathwayLoss(
+        jnp.asarray(membership), gamma=c.pathway.gamma, tau=c.pathway.tau,
+        genes_per_cell=c.pathway.genes_per_cell))
+  if c.coexpression.pairs:
+    co = c.coexpression
+    gene_map = genes.load_gene_map(co.gene_map) if co.gene_map else None
+    positive, negative = coexpression_lib.load_gene_pairs(co.pairs, manifest["vocab"], gene_map,
+                                                          split=co.split)
+    aux_losses.append(coexpression_lib.CoexpressionLoss.from_pairs(
+        positive, negative, model_config.vocab_size, gamma=co.gamma, tau=co.tau,
+        genes_per_cell=co.genes_per_cell))
+  aux_losses = tuple(aux_losses)
   if jax.process_index() == 0:  # what embed / finetune need beside the checkpoints
     pretrained.write_run_files(
         workdir, model_config, Vocab(manifest["vocab"], f"{path}/manifest.json"),
@@ -127,7 +138,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       if c.profile_steps and step == c.profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
       batch = sharding.shard_batch(next(train_it), mesh)
-      state, metrics = train_step(state, batch, pathway)
+      state, metrics = train_step(state, batch, aux_losses)
       pending.append((step + 1, metrics))
       if c.profile_steps and step == c.profile_steps[1]:
         jax.profiler.stop_trace()
@@ -137,7 +148,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = []
       if done % c.eval_every == 0 or done == c.num_steps:
         last["eval_loss"] = evaluate(eval_step, state["params"], path, c, per_process, mesh,
-                                     pathway)
+                                     aux_losses)
         writer.write(done, {"eval_loss": last["eval_loss"]})
       pause = c.steps_per_run and done - start >= c.steps_per_run
       ckpt.save(done, state, train_it, force=done == c.num_steps or bool(stop["signal"]) or pause)
@@ -174,7 +185,7 @@ def _log(pending: list, writer: metrics_lib.MetricsWriter, params: int, peak) ->
   return scalars
 
 
-def evaluate(eval_step, params, path: str, c, per_process: int, mesh, pathway=None) -> float:
+def evaluate(eval_step, params, path: str, c, per_process: int, mesh, aux_losses=()) -> float:
   """Mean loss over the first `c.eval_batches` batches of the held-out split."""
   if not c.data.eval_fraction:
     warnings.warn("data.eval_fraction is 0: no held-out split, no eval loss")
@@ -189,6 +200,6 @@ def evaluate(eval_step, params, path: str, c, per_process: int, mesh, pathway=No
     if len(batch["tokens"]) != per_process:  # keep one compiled shape
       continue
     metrics = eval_step(params, sharding.shard_batch(batch, mesh), jax.random.fold_in(rng, i),
-                        pathway)
+                        aux_losses)
     losses.append(float(metrics["loss"]))
   return float(np.mean(losses)) if losses else float("nan")
