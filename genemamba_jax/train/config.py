@@ -18,6 +18,10 @@ from genemamba_jax.model import GeneMambaConfig
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # A run directory (train, finetune or `convert from-pytorch`) whose weights the run starts
+  # from when its workdir has no checkpoint yet; its architecture replaces model.* (see
+  # train/warm_start.py). The corpus must be tokenized with its vocabulary.
+  c.init_checkpoint = ""
   c.data = ml_collections.ConfigDict(dict(
       path="",  # a tokenized directory (prepare tokenize)
       demo=False,  # use the embedded demo data instead of `path`
@@ -63,6 +67,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.profile_steps = ()  # (first, last) step of a jax.profiler trace, e.g. (10, 15)
   c.lock()  # a misspelt key in a config file fails instead of adding a new one
   return c
+
+
+def comment_sources() -> list[tuple[object, str]]:
+  """Where `--help` finds each key's comment (see `genemamba_jax.cli.key_comments`)."""
+  from genemamba_jax.train import optimizer, sharding  # pylint: disable=g-import-not-at-top
+  return [(default_config, ""), (GeneMambaConfig, "model."),
+          (optimizer.default_optimizer_config, "optimizer."),
+          (sharding.default_sharding_config, "mesh.")]
 
 
 def model_config(c: ml_collections.ConfigDict, vocab_size: int, streams: str) -> GeneMambaConfig:

@@ -32,6 +32,7 @@ from genemamba_jax.train import objectives, sharding
 from genemamba_jax.train import optimizer as optimizer_lib
 from genemamba_jax.train import pathway as pathway_lib
 from genemamba_jax.train import step as step_lib
+from genemamba_jax.train import warm_start
 
 
 class TrainingError(RuntimeError):
@@ -70,7 +71,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- model, objective, optimizer
   streams = objectives.model_streams_for(c.objective)
-  model_config = config_lib.model_config(c, len(manifest["vocab"]), streams)
+  init_params = None
+  if c.init_checkpoint:
+    model_config, init_params = warm_start.load_init(c, manifest["vocab"], streams)
+  else:
+    model_config = config_lib.model_config(c, len(manifest["vocab"]), streams)
   special = manifest.get("special_ids", {})
   objective = objectives.ObjectiveConfig(
       name=c.objective, pad_id=special.get("pad", 0), mask_id=special.get("mask", 1),
@@ -113,6 +118,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=c.keep_checkpoints, save_every=c.checkpoint_every)
   start = ckpt.latest_step() or 0
+  if init_params is not None and not start:
+    state = warm_start.place_params(state, init_params, state_sharding)
+    print(f"starting from the weights of {c.init_checkpoint}")
   if start:
     state = ckpt.restore(start, sharding.with_shardings(abstract_state, state_sharding), train_it)
     print(f"resumed from step {start} in {workdir}")
