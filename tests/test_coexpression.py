@@ -11,6 +11,7 @@ from flax import nnx
 
 from genemamba_jax.data import genes
 from genemamba_jax.data.errors import DataError
+from genemamba_jax.train.config import DEMO_DATA
 from genemamba_jax.data.vocab import import_geneformer
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.train import coexpression, config as config_lib, loop, objectives
@@ -81,10 +82,10 @@ def test_loss_equals_numpy_oracle(tau):
   expected = _infonce_numpy(hidden, tokens, positions, valid, tau)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   # The same on explicit samples, with filler slots that point at real genes.
-  infonce = _jit(coexpression.coexpression_infonce, static_argnums=(6, 7))
+  infonce = _jit(coexpression.coexpression_infonce, static_argnums=(7,))
   valid[0, 4] = valid[1, 1] = False  # drop the repeated 4 and cell 1's 8
   got = infonce(jnp.asarray(hidden), jnp.asarray(tokens), jnp.asarray(positions),
-                jnp.asarray(valid), loss.keys, loss.positive, V, tau)
+                jnp.asarray(valid), loss.index, loss.positive, loss.negative, tau)
   np.testing.assert_allclose(got, _infonce_numpy(hidden, tokens, positions, valid, tau),
                              rtol=1e-5)
 
@@ -128,13 +129,38 @@ def test_gradients_are_finite():
   assert float(value) == 0.0 and np.all(grad == 0)
 
 
-def test_pair_keys_refuse_a_vocabulary_too_large_for_int32():
+def test_bit_packed_lookup_equals_a_set_lookup():
+  """Random pairs; G is not a multiple of 32, and some queried tokens are in no pair."""
+  rng = np.random.default_rng(3)
+  vocab_size = 300
+  in_pairs = rng.choice(np.arange(1, vocab_size), 77, replace=False)  # token 0: in no pair
+  pairs = rng.choice(in_pairs, (600, 2))
+  pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+  # One label per ordered pair ((a, b) and (b, a) may differ); duplicate rows are kept.
+  label = {p: i % 3 == 0 for i, p in enumerate(sorted({tuple(p) for p in pairs.tolist()}))}
+  positive = np.array([p for p in pairs.tolist() if label[tuple(p)]], np.int32)
+  negative = np.array([p for p in pairs.tolist() if not label[tuple(p)]], np.int32)
+  loss = CoexpressionLoss.from_pairs(positive, negative, vocab_size)
+  genes_ = np.unique(np.concatenate([positive, negative]))
+  assert loss.positive.shape == loss.negative.shape == (len(genes_), -(-len(genes_) // 32))
+  assert len(genes_) % 32 and loss.positive.dtype == np.uint32
+  np.testing.assert_array_equal(np.asarray(loss.index) >= 0, np.isin(np.arange(vocab_size), genes_))
+  query = np.concatenate([rng.choice(in_pairs, 150), rng.integers(0, vocab_size, 50), [0]])
+  got = _jit(coexpression.pair_relations)(loss.index, loss.positive, loss.negative,
+                                          jnp.asarray(query, jnp.int32))
+  pos_set, neg_set = set(map(tuple, positive.tolist())), set(map(tuple, negative.tolist()))
+  for got_, expected in zip(got, (pos_set, neg_set)):
+    want = np.array([[(a, b) in expected for b in query.tolist()] for a in query.tolist()])
+    np.testing.assert_array_equal(np.asarray(got_), want)
+  assert np.asarray(got[0]).any() and np.asarray(got[1]).any()
+
+
+def test_from_pairs_errors():
   pairs = np.array([[4, 5]])
-  assert coexpression.pair_keys(pairs, coexpression.MAX_VOCAB).dtype == np.int32
-  with pytest.raises(DataError, match="at most 46340"):
-    coexpression.pair_keys(pairs, coexpression.MAX_VOCAB + 1)
+  # No int32 pair keys: any vocabulary size works.
+  assert CoexpressionLoss.from_pairs(pairs, pairs[:, ::-1], 100_000).index.shape == (100_000,)
   with pytest.raises(DataError, match="outside the vocabulary of 5 tokens"):
-    coexpression.pair_keys(pairs, 5)
+    CoexpressionLoss.from_pairs(pairs, np.zeros((0, 2), np.int32), 5)
   with pytest.raises(DataError, match="both positive and negative"):
     CoexpressionLoss.from_pairs(pairs, pairs, V)
 
@@ -222,8 +248,12 @@ def test_load_gene_pairs_real_geneformer(shared_data, tmp_path, caplog):
     ids = [vocab.token_to_id[gene_map[a]], vocab.token_to_id[gene_map[b]]]
     assert (kept == ids).all(1).any(), (a, b)
   loss = CoexpressionLoss.from_pairs(positive, negative, len(vocab))
-  assert loss.keys.shape == (len(positive) + len(negative),)
-  assert np.all(np.diff(np.asarray(loss.keys)) > 0)
+  genes_ = np.unique(np.concatenate([positive, negative]))
+  assert loss.positive.shape == loss.negative.shape == (len(genes_), -(-len(genes_) // 32))
+  np.testing.assert_array_equal(np.asarray(loss.index)[genes_], np.arange(len(genes_)))
+  assert np.sum(np.asarray(loss.index) >= 0) == len(genes_)
+  for table, kept in ((loss.positive, positive), (loss.negative, negative)):  # one bit per pair
+    assert np.unpackbits(np.asarray(table).view(np.uint8)).sum() == len(kept)
 
 
 def test_loss_fn_adds_both_auxiliary_losses():
@@ -257,7 +287,7 @@ def test_loss_fn_adds_both_auxiliary_losses():
 def test_config_checks():
   c = config_lib.default_config()
   assert (c.coexpression.pairs, c.coexpression.gamma, c.coexpression.tau) == ("", 0.1, 0.1)
-  c.data.demo = True
+  c.data.path = DEMO_DATA
   c.coexpression.tau = 0.0
   config_lib.check(c)  # off: not checked
   c.coexpression.pairs = "pairs/"

@@ -19,9 +19,9 @@ paper have the pathway loss instead (`pathway.py`); this one is kept as an optio
 
   on cosine similarities s, the arithmetic of `pathway.infonce`.
 * Pairs are symmetric (both orders are stored) and a pair listed with both
-  labels is dropped. Lookup without a dense [V, V] matrix: the int32 keys
-  a * V + b of the pairs, sorted, searched with `jnp.searchsorted`; V must
-  be at most `MAX_VOCAB` for the keys to fit.
+  labels is dropped. Lookup without a dense [V, V] matrix: each token maps to a
+  compact index over the G genes in at least one pair, and the two relations
+  are bit-packed [G, ceil(G / 32)] matrices (see `CoexpressionLoss`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from genemamba_jax.data.errors import DataError
 from genemamba_jax.train import pathway
 
 _log = logging.getLogger(__name__)
-MAX_VOCAB = 46_340  # the largest V with V * V - 1 < 2**31: every key a * V + b fits in int32
 _TEXT, _LABEL = "_text.txt", "_label.txt"
 
 
@@ -127,49 +126,65 @@ def load_gene_pairs(pairs: str | Path | Sequence[str | Path], vocab: Mapping[str
   return tuple(np.stack([k // n, k % n], axis=1).astype(np.int32) for k in (positive, negative))
 
 
-def pair_keys(pairs: np.ndarray, vocab_size: int) -> np.ndarray:
-  """[P, 2] token ids -> [P] int32 keys a * vocab_size + b.
+def pack_pairs(pairs: np.ndarray, index: np.ndarray, num_genes: int) -> np.ndarray:
+  """[P, 2] token ids -> [G, ceil(G / 32)] uint32, the pairs as bits.
 
-  Raises:
-    DataError: vocab_size > MAX_VOCAB (the keys would overflow int32), or an id
-      outside [0, vocab_size).
+  The pair (a, b) sets bit j & 31 of word [i, j >> 5], i = index[a], j = index[b]:
+  ordered, as given (both orders are set only if both are listed); duplicates
+  are allowed. index: [V] int32, token -> compact gene index in [0, G) (every
+  token of `pairs` has one); G = num_genes (a [1, 1] zero matrix if 0).
   """
-  if vocab_size > MAX_VOCAB:
-    raise DataError(f"vocabulary of {vocab_size} tokens: the co-expression loss's int32 pair "
-                    f"keys need at most {MAX_VOCAB}; use a smaller vocabulary or leave "
-                    "coexpression.pairs empty")
+  words = max(-(-num_genes // 32), 1)
   pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-  if pairs.size and (pairs.min() < 0 or pairs.max() >= vocab_size):
-    raise DataError(f"gene pairs hold token ids in [{pairs.min()}, {pairs.max()}], outside the "
-                    f"vocabulary of {vocab_size} tokens; load them with this vocabulary")
-  return (pairs[:, 0] * vocab_size + pairs[:, 1]).astype(np.int32)
+  # Unique bit positions, so the bits summed into a word never overlap: sum == or.
+  # bincount (float64 weights, exact below 2**53) avoids a slow np.bitwise_or.at.
+  bit = np.unique(index[pairs[:, 0]].astype(np.int64) * (32 * words) + index[pairs[:, 1]])
+  packed = np.bincount(bit >> 5, weights=np.left_shift(1, bit & 31).astype(np.float64),
+                       minlength=max(num_genes, 1) * words)
+  return packed.astype(np.uint32).reshape(max(num_genes, 1), words)
 
 
-def lookup_pairs(keys: jax.Array, positive: jax.Array, query: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-  """keys [P] sorted int32, positive [P] bool, query [...] int32 -> (found, label) [...] bool."""
-  if keys.shape[0] == 0:
-    return jnp.zeros(query.shape, bool), jnp.zeros(query.shape, bool)
-  index = jnp.minimum(jnp.searchsorted(keys, query), keys.shape[0] - 1)
-  return keys[index] == query, positive[index]
+def pair_relations(index: jax.Array, positive: jax.Array, negative: jax.Array,
+                   tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Labels of every ordered pair of N tokens: (positive, negative) [N, N] bool.
+
+  index: [V] int32 (-1: token in no pair); positive, negative: [G, W] uint32
+  (`pack_pairs`); tokens: [N] int32 ids < V. Entry (i, j) is the label of the
+  pair (tokens[i], tokens[j]); a token in no pair has none.
+  """
+  gene = index[tokens]  # [N]
+  in_pair = gene >= 0
+  gene = jnp.maximum(gene, 0)  # a valid row for the gather; masked by in_pair below
+  word = gene >> 5  # [N]
+  shift = (gene & 31).astype(jnp.uint32)
+  known = in_pair[:, None] & in_pair[None, :]
+
+  def bits(table):
+    # Rows first ([N, W], contiguous), then one word per column: two cheap gathers
+    # instead of a general 2-D gather of N * N (row, word) pairs.
+    rows = jnp.take(table, gene, axis=0, mode="clip")
+    words = jnp.take(rows, word, axis=1, mode="clip")  # [N, N]
+    return known & ((words >> shift[None, :]) & 1).astype(bool)
+
+  return bits(positive), bits(negative)
 
 
 def coexpression_infonce(hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
-                         valid: jax.Array, keys: jax.Array, positive: jax.Array,
-                         vocab_size: int, tau: float) -> jax.Array:
+                         valid: jax.Array, index: jax.Array, positive: jax.Array,
+                         negative: jax.Array, tau: float) -> jax.Array:
   """The InfoNCE of the module docstring on given samples; 0 without any positive pair.
 
-  hidden: [B, L, d]; tokens: [B, L] (ids < vocab_size); positions, valid: [B, K];
-  keys, positive: [P] (see `CoexpressionLoss`).
+  hidden: [B, L, d]; tokens: [B, L]; positions, valid: [B, K]; index [V],
+  positive and negative [G, W]: see `CoexpressionLoss`.
   """
   sampled = jnp.take_along_axis(tokens, positions, axis=1).reshape(-1).astype(jnp.int32)  # [N]
-  found, label = lookup_pairs(keys, positive,
-                              sampled[:, None] * vocab_size + sampled[None, :])  # [N, N]
+  is_positive, is_negative = pair_relations(index, positive, negative, sampled)  # [N, N]
   valid = valid.reshape(-1)
   # Two occurrences of one token are not a pair (this also excludes i == j).
-  candidates = valid[:, None] & valid[None, :] & (sampled[:, None] != sampled[None, :]) & found
+  candidates = (valid[:, None] & valid[None, :] & (sampled[:, None] != sampled[None, :])
+                & (is_positive | is_negative))
   return pathway.infonce(pathway.sampled_similarity(hidden, positions, tau),
-                         candidates & label, candidates)
+                         candidates & is_positive, candidates)
 
 
 @jax.tree_util.register_dataclass
@@ -179,11 +194,18 @@ class CoexpressionLoss:
 
   A pytree whose leaves are the pair arrays, so a jitted step takes them as an
   argument instead of baking them into the program. Build it with `from_pairs`.
+
+  The label of the token pair (a, b) is bit gj & 31 of `positive[gi, gj >> 5]`
+  (or of `negative`), gi = index[a], gj = index[b]: a gather and a shift per
+  pair. Memory: 4 V bytes for `index` plus 2 * 4 G ceil(G / 32) ~ G^2 / 4 bytes
+  for the two matrices, G the genes in at least one pair: ~40 MB at G = 12.5k;
+  the Gene2Vec train pairs on the Geneformer vocabulary (V = 25,428) have
+  G = 8,429, 2 x 8.9 MB. A dense [V, V] bool table would be 650 MB.
   """
   name: ClassVar[str] = "coexpression"  # metric "loss/coexpression"
-  keys: jax.Array  # [P] int32, sorted: a * vocab_size + b of every pair, both orders
-  positive: jax.Array  # [P] bool: the label of each key
-  vocab_size: int = dataclasses.field(metadata={"static": True})  # V of the keys; tokens < V
+  index: jax.Array  # [V] int32: token -> compact gene index in [0, G), -1 if in no pair
+  positive: jax.Array  # [G, ceil(G / 32)] uint32: bit-packed label-1 pairs (`pack_pairs`)
+  negative: jax.Array  # [G, ceil(G / 32)] uint32: bit-packed label-0 pairs
   gamma: float = dataclasses.field(default=0.1, metadata={"static": True})  # the review copy's
   tau: float = dataclasses.field(default=0.1, metadata={"static": True})  # the review copy's
   genes_per_cell: int = dataclasses.field(default=64, metadata={"static": True})
@@ -193,26 +215,35 @@ class CoexpressionLoss:
                  **static) -> CoexpressionLoss:
     """positive_pairs [P, 2], negative_pairs [Q, 2] token ids (`load_gene_pairs`) -> the loss.
 
-    vocab_size: the model's (every token id is below it; at most MAX_VOCAB).
+    vocab_size: the model's (every token id is below it).
     static: gamma, tau, genes_per_cell.
+
+    Raises:
+      DataError: an id outside [0, vocab_size), or a pair with both labels.
     """
-    positive_keys = pair_keys(positive_pairs, vocab_size)
-    negative_keys = pair_keys(negative_pairs, vocab_size)
-    both = np.intersect1d(positive_keys, negative_keys)
-    if len(both):  # the lookup would return either label
+    positive_pairs, negative_pairs = (np.asarray(p, np.int64).reshape(-1, 2)
+                                      for p in (positive_pairs, negative_pairs))
+    every = np.concatenate([positive_pairs, negative_pairs]).reshape(-1)
+    if every.size and (every.min() < 0 or every.max() >= vocab_size):
+      raise DataError(f"gene pairs hold token ids in [{every.min()}, {every.max()}], outside the "
+                      f"vocabulary of {vocab_size} tokens; load them with this vocabulary")
+    both = np.intersect1d(*(p[:, 0] * vocab_size + p[:, 1]
+                            for p in (positive_pairs, negative_pairs)))
+    if len(both):  # the lookup would return both labels
       raise DataError(f"{len(both)} gene pairs are both positive and negative, e.g. token ids "
                       f"{divmod(int(both[0]), vocab_size)}; give each pair one label")
-    keys = np.concatenate([positive_keys, negative_keys])
-    labels = np.arange(len(keys)) < len(positive_keys)
-    order = np.argsort(keys, kind="stable")
-    return cls(jnp.asarray(keys[order]), jnp.asarray(labels[order]), vocab_size, **static)
+    genes = np.unique(every)  # [G]
+    index = np.full(vocab_size, -1, np.int32)
+    index[genes] = np.arange(len(genes), dtype=np.int32)
+    return cls(jnp.asarray(index), jnp.asarray(pack_pairs(positive_pairs, index, len(genes))),
+               jnp.asarray(pack_pairs(negative_pairs, index, len(genes))), **static)
 
   def __call__(self, hidden: jax.Array, tokens: jax.Array, mask: jax.Array,
                rng: jax.Array) -> jax.Array:
     """hidden [B, L, d], tokens [B, L], mask [B, L] (positions that may be sampled) -> scalar."""
-    keys = jnp.asarray(self.keys, jnp.int32)
-    in_a_pair = jnp.zeros(self.vocab_size, bool).at[keys // self.vocab_size].set(True)  # [V]
-    positions, valid = pathway.sample_gene_positions(tokens, mask, in_a_pair,
+    index = jnp.asarray(self.index, jnp.int32)
+    positions, valid = pathway.sample_gene_positions(tokens, mask, index >= 0,
                                                      self.genes_per_cell, rng)
-    return coexpression_infonce(hidden, tokens, positions, valid, keys,
-                                jnp.asarray(self.positive, bool), self.vocab_size, self.tau)
+    return coexpression_infonce(hidden, tokens, positions, valid, index,
+                                jnp.asarray(self.positive, jnp.uint32),
+                                jnp.asarray(self.negative, jnp.uint32), self.tau)
