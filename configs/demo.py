@@ -8,13 +8,13 @@ Mamba-2 BiMamba model with the leak-free next-gene objective for a few
 minutes; the loss falls visibly.
 """
 
-from genemamba_jax.train.config import default_config
+from genemamba_jax.train.config import DEMO_DATA, default_config
 
 
 def get_config(arg=None):
   del arg
   config = default_config()
-  config.data.demo = True
+  config.data.path = DEMO_DATA  # --config.data.path=TOKENS trains this model on your data
   config.data.max_len = 128  # the top 128 of the 180-440 genes a pbmc68k cell expresses
   config.data.eval_fraction = 0.1
   config.batch_size = 16

@@ -1,19 +1,284 @@
-"""Shared command-line plumbing of the absl-based commands (train, finetune)."""
+"""The one command-line pattern: argparse, config files with overrides, and one error wrapper.
 
+Every command is `main(argv=None) -> int`, a console script and `python -m genemamba_jax.X`:
+
+    def main(argv=None):
+      return cli.run(build_parser(), argv)          # parser's `run(args) -> lines to print`
+
+Bad input (`DataError`, a bad config key or value) ends the command with one line
+`error: <what>; <what to do>` on stderr and exit status 2, no traceback; Ctrl-C
+ends it with status 130 and one line (commands that can save their work, like
+`train`, handle SIGINT themselves first). `--help` exits 0.
+
+Config-file commands (`train`, `finetune`) take `--config FILE[:ARG]` (a Python
+file with `get_config(arg)` returning an ml_collections ConfigDict) and
+overrides `--config.key=value`, typed by the key's default; an unknown key is
+refused with the closest keys of its section. `--help` lists every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib.util
+import inspect
+import re
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from absl import flags
+import ml_collections
+
+from genemamba_jax.data.errors import DataError
+
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 
-def parse_flags(argv):
-  """absl's parsing, with a bad flag, config key or value as a one-line error (exit status 2)."""
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C, after the command saved what it could; the message says what was kept."""
+
+
+class CommandError(DataError):
+  """A problem of the command line itself (a bad flag value, a config file that fails)."""
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+        errors: tuple[type[BaseException], ...] = ()) -> int:
+  """Parses `argv` and calls `args.run(args)` under `guarded`."""
+  args = parser.parse_args(argv)
+  return guarded(lambda: args.run(args), errors)
+
+
+def guarded(fn: Callable[[], Sequence[str] | None],
+            errors: tuple[type[BaseException], ...] = ()) -> int:
+  """Calls `fn`, prints the lines it returns; the one error wrapper (see the module docstring).
+
+  `errors` adds exception types that mean "the run cannot go on" (reported like
+  bad input, e.g. a non-finite loss). Returns the exit status.
+  """
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    cause = e  # config overrides wrap a KeyError in an AttributeError: show the innermost text
-    while cause.args and isinstance(cause.args[0], Exception):
-      cause = cause.args[0]
-    message = (cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause))
-    message = " ".join(message.split())
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    lines = fn()
+  except (DataError, *errors) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    return 2
+  except KeyboardInterrupt as e:
+    what = str(e) or "nothing half-written is kept; re-run the command to do it again"
+    print(f"\ninterrupted: {what}", file=sys.stderr, flush=True)
+    return INTERRUPTED
+  if lines:
+    print("\n".join(lines), flush=True)
+  return 0
+
+
+# --- config files ------------------------------------------------------------------------------
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`FILE[:ARG]` -> get_config(ARG) of that Python file; CommandError when it cannot be used."""
+  path, _, arg = spec.partition(":")
+  file = Path(path)
+  if not file.is_file():
+    folder = file.parent if file.parent.is_dir() else Path(".")
+    near = sorted(p.name for p in folder.glob("*.py") if not p.name.startswith("_"))
+    hint = f" ({file.parent or '.'} has {', '.join(near)})" if near else ""
+    raise CommandError(f"--config {path}: no such file{hint}; pass a config file such as "
+                       "configs/demo.py")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise CommandError(f"--config {path}: defines no get_config(arg)")
+    config = module.get_config(arg or None)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:  # a bad :ARG, a misspelt key
+    raise CommandError(f"--config {spec}: {' '.join(str(e).split())}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise CommandError(f"--config {path}: get_config returned {type(config).__name__}, not a "
+                       "ConfigDict")
+  return config
+
+
+def _parse_value(text: str, current, key: str):
+  """`text` as a value of `current`'s type (bool, int, float, str, tuple, list, None)."""
+  try:
+    if isinstance(current, bool):
+      lowered = text.lower()
+      if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("expected true or false")
+      return lowered in ("true", "1", "yes")
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    if isinstance(current, (tuple, list)):
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):  # a,b,c: a list of strings
+        value = [v for v in text.split(",") if v]
+      if not isinstance(value, (tuple, list)):
+        value = [value]
+      return type(current)(value)
+    try:
+      return ast.literal_eval(text)  # a None default: a number, a literal, or else a string
+    except (ValueError, SyntaxError):
+      return text
+  except ValueError as e:
+    kind = type(current).__name__
+    raise CommandError(f"--config.{key}={text}: not {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
+                       f"({e})") from None
+
+
+def _closest(name: str, options: Sequence[str], section: str) -> str:
+  near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+  if near:
+    return "did you mean " + " or ".join(f"{section}{n}" for n in near) + "?"
+  return f"the keys of {section.rstrip('.') or 'the config'} are {', '.join(sorted(options))}"
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets `config.<key>` from the text of `--config.<key>=<text>`; CommandError names the key."""
+  *parents, leaf = key.split(".")
+  node, section = config, ""
+  for part in parents:
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise CommandError(f"--config.{key}: unknown key {section}{part}; "
+                         + _closest(part, list(node.keys()), section))
+    node, section = node[part], f"{section}{part}."
+  if leaf not in node:
+    raise CommandError(f"--config.{key}: unknown key {section}{leaf}; "
+                       + _closest(leaf, list(node.keys()), section))
+  value = _parse_value(text, node[leaf], key)
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except TypeError as e:
+    raise CommandError(f"--config.{key}={text}: {e}") from None
+
+
+def key_comments(sources: Sequence[tuple[object, str]]) -> dict[str, str]:
+  """{"section.key": comment} read from the source of config builders, for `--help`.
+
+  Each source is (function or class, key prefix). Recognised, with the comment at
+  the end of the line or on the comment lines just above it:
+    c.key = value                 (prefix + "key"; `c.section.key` likewise)
+    c.section = ConfigDict(dict(  then  key=value,  lines (prefix + "section.key")
+    return ConfigDict(dict(       then  key=value,  lines (prefix + "key")
+    name: type = value            (dataclass fields: prefix + "name")
+  """
+  assign = re.compile(r"^\s*\w+\.([\w.]+)\s*=\s*(.*)$")
+  item = re.compile(r"^\s*[\"']?(\w+)[\"']?\s*[=:]\s*[^=].*$")
+  field = re.compile(r"^\s*(\w+)\s*:\s*[^=]+=.*$")
+  out = {}
+  for source, prefix in sources:
+    section, above = None, []
+    for line in inspect.getsource(source).splitlines():
+      if line.strip().startswith("#"):
+        above.append(line.strip().lstrip("#").strip())
+        continue
+      code, _, comment = line.partition("  # ")
+      stripped = code.strip()
+      text = comment.strip() or " ".join(above)
+      above = []
+      if "ConfigDict(dict(" in code or "ConfigDict({" in code:
+        match = assign.match(code)
+        section = match.group(1) + "." if match else ""
+        continue
+      if section is not None and stripped.startswith(("))", "})")):
+        section = None
+        continue
+      match = (item if section is not None else assign).match(code)
+      if match is None and section is None:
+        match = field.match(code)
+      if match and text:
+        out[prefix + (section or "") + match.group(1)] = text
+  return out
+
+
+def _first_sentence(text: str, limit: int = 110) -> str:
+  sentence = re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
+  return sentence if len(sentence) <= limit else sentence[:limit - 3].rstrip() + "..."
+
+
+def describe_keys(config: ml_collections.ConfigDict, comments: dict[str, str],
+                  prefix: str = "") -> list[str]:
+  """One line per leaf key: `  key = value  # comment`."""
+  lines = []
+  for key in config.keys():
+    value = config[key]
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      lines.extend(describe_keys(value, comments, f"{name}."))
+    else:
+      comment = f"  # {_first_sentence(comments[name])}" if name in comments else ""
+      lines.append(f"  {name} = {value!r}{comment}")
+  return lines
+
+
+class ConfigCommand:
+  """argparse for `--config FILE[:ARG] --workdir DIR [--config.key=value ...]`.
+
+  `run(config, workdir) -> lines` does the work; `default_config()` and the
+  (source, key prefix) pairs of `comment_sources` give `--help` its key list
+  and comments (see `key_comments`).
+  """
+
+  def __init__(self, prog: str, description: str, default_config: Callable,
+               run_fn: Callable, example: str, comment_sources: Sequence[tuple] = (),
+               errors: tuple[type[BaseException], ...] = ()):
+    self.prog, self.description, self.example = prog, description, example
+    self.default_config, self.run_fn, self.errors = default_config, run_fn, errors
+    self.comment_sources = tuple(comment_sources) or ((default_config, ""),)
+
+  def parser(self) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=self.prog, description=self.description, add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true", help="this help, with every config key")
+    parser.add_argument("--config", metavar="FILE[:ARG]", help=f"config file, e.g. {self.example}")
+    parser.add_argument("--workdir", metavar="DIR", help="the run directory")
+    return parser
+
+  def main(self, argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = self.parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+      self.print_help(parser, args.config)
+      return 0
+    overrides, unexpected = [], []
+    for item in rest:
+      if item.startswith("--config."):
+        key, eq, value = item[len("--config."):].partition("=")
+        if not eq:
+          unexpected.append(item)
+        overrides.append((key, value))
+      else:
+        unexpected.append(item)
+    if unexpected:
+      parser.error(f"unexpected arguments {' '.join(unexpected)} (config overrides are "
+                   "--config.key=value, with the '=')")
+    if not args.config or not args.workdir:
+      parser.error("--config and --workdir are required")
+
+    def run_command():
+      config = load_config_file(args.config)
+      for key, value in overrides:
+        apply_override(config, key, value)
+      return self.run_fn(config, args.workdir)
+
+    return guarded(run_command, self.errors)
+
+  def print_help(self, parser: argparse.ArgumentParser, spec: str | None) -> None:
+    parser.print_help()
+    config, source = self.default_config(), "defaults"
+    if spec:
+      try:
+        config, source = load_config_file(spec), spec
+      except CommandError as e:
+        print(f"\n({e}; showing the defaults)")
+    comments = key_comments(self.comment_sources)
+    print(f"\nconfig keys ({source}); override any with --config.KEY=VALUE:")
+    print("\n".join(describe_keys(config, comments)))

@@ -5,39 +5,36 @@ on the labelled cells of an .h5ad (`--config.data.input`, `--config.label_column
 tokenizing them with the checkpoint's vocabulary. Writes to DIR: metrics.json,
 predictions.csv, confusion_matrix.png, predictions.h5ad, metrics.jsonl and the
 fine-tuned checkpoint (a run directory for `embed` and `evaluate`). See
-genemamba_jax/annotation/.
+genemamba_jax/annotation/. `--help` lists every config key with its default.
 """
 
+from __future__ import annotations
+
 import sys
+from collections.abc import Sequence
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from genemamba_jax.cli import parse_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tuning config (configs/annotate.py)",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where the outputs and the checkpoint go")
+from genemamba_jax import cli
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def _run(config, workdir: str) -> list[str]:
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from genemamba_jax.annotation import loop  # pylint: disable=g-import-not-at-top
-  from genemamba_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
-  try:
-    metrics = loop.finetune(_CONFIG.value, _WORKDIR.value)
-  except (DataError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  for split, scores in metrics.items():
-    print(f"{split:5s} {scores['n_cells']:6d} cells  accuracy {scores['accuracy']:.4f}  "
-          f"macro-F1 {scores['macro_f1']:.4f}")
-  print(f"outputs: {_WORKDIR.value}/metrics.json, predictions.csv, confusion_matrix.png, "
-        f"predictions.h5ad; checkpoint: {_WORKDIR.value}/checkpoints")
+  logging.set_verbosity(logging.WARNING)
+  metrics = loop.finetune(config, workdir)
+  lines = [f"{split:5s} {scores['n_cells']:6d} cells  accuracy {scores['accuracy']:.4f}  "
+           f"macro-F1 {scores['macro_f1']:.4f}" for split, scores in metrics.items()]
+  lines.append(f"outputs: {workdir}/metrics.json, predictions.csv, confusion_matrix.png, "
+               f"predictions.h5ad; checkpoint: {workdir}/checkpoints")
+  return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from genemamba_jax.annotation import config as config_lib  # pylint: disable=g-import-not-at-top
+  command = cli.ConfigCommand(
+      "python -m genemamba_jax.finetune", __doc__, config_lib.default_config, _run,
+      example="configs/annotate.py")
+  return command.main(argv)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=parse_flags)
+  sys.exit(main())

@@ -56,6 +56,13 @@ def write_run_files(run_dir: str | os.PathLike, config: GeneMambaConfig, vocab: 
     jsonio.write_json_atomic(run_dir / TASK_FILE, dict(task))
 
 
+def finished_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
+  """Steps with a finished checkpoint under `checkpoints_dir` (Orbax's unfinished tmp dirs and
+  a missing directory give none)."""
+  return sorted(int(p.name) for p in Path(checkpoints_dir).glob("*")
+                if p.name.isdigit() and (p / "state").is_dir())
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointPath:
   run_dir: Path  # holds model.json and vocab/
@@ -75,8 +82,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointPath:
     run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
   else:
     run_dir = path.parent if path.name == CHECKPOINTS else path
-    steps = [int(p.name) for p in (run_dir / CHECKPOINTS).glob("*")
-             if p.name.isdigit() and (p / "state").is_dir()]  # skips Orbax's unfinished tmp dirs
+    steps = finished_steps(run_dir / CHECKPOINTS)
     if not steps:
       raise DataError(f"{path}: no finished checkpoint in {run_dir / CHECKPOINTS}; {hint}")
     step_dir = run_dir / CHECKPOINTS / str(max(steps))

@@ -20,6 +20,23 @@ def _require_shared_data() -> Path:
   return SHARED_DATA
 
 
+PARITY_INSTALL = ("pip install torch --index-url https://download.pytorch.org/whl/cpu, then "
+                  "pip install -e '.[test,parity]' (README, Quickstart)")
+
+
+def require_parity(package: str):
+  """Imports a package of the `parity` extra (torch, transformers, mambapy) for a test that
+  compares against PyTorch; skips with how to install it when missing (fails on CI, which
+  installs it, so the parity tests can never be skipped there silently)."""
+  try:
+    return __import__(package)
+  except ImportError:
+    reason = f"this parity test needs {package}: {PARITY_INSTALL}"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
 @pytest.fixture
 def shared_data() -> Path:
   """Path of the shared real-data folder; skips (fails on CI) when missing."""

@@ -10,6 +10,7 @@ import pytest
 
 from genemamba_jax import bench
 from genemamba_jax.model import GeneMambaConfig
+from tests.conftest import require_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "32", "--seq-len", "64", "--batch", "2", "--vocab", "100"]
@@ -56,7 +57,7 @@ def test_bad_arguments_are_argparse_errors(args, capsys):
 
 
 def _torch_peers():
-  pytest.importorskip("torch", reason="the PyTorch peers need torch (pip install -e .[test])")
+  require_parity("torch")
   spec = importlib.util.spec_from_file_location("torch_peers", ROOT / "bench" / "torch_peers.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -67,7 +68,7 @@ def _torch_peers():
                                                       ("mamba1", "mambapy", 8)])
 def test_torch_peer_runs_a_train_step(mixer, package, d_state):
   peers = _torch_peers()
-  pytest.importorskip(package, reason=f"the {mixer} peer needs {package} (pip install -e .[test])")
+  require_parity(package)
   tokens_per_s = peers.torch_tokens_per_s(mixer, d_model=32, layers=1, seq_len=64, batch=2,
                                           vocab=100, d_state=d_state, steps=1)
   assert tokens_per_s > 0

@@ -17,6 +17,7 @@ from genemamba_jax.model.config import GeneMambaConfig
 from genemamba_jax.model.convert import load_mixer_state_dict, mixer_state_dict
 from genemamba_jax.model.layers import AXIS_NAMES, unfused_copy
 from genemamba_jax.model.mixers import Mamba1Mixer, Mamba2Mixer
+from tests.conftest import require_parity
 
 BACKENDS = ("sequential", "associative", "chunked")
 BATCH, LENGTH = 2, 64
@@ -28,7 +29,7 @@ M2 = GeneMambaConfig(mixer="mamba2", d_model=48, d_state=16, headdim=16, ngroups
 
 
 def _torch():
-  return pytest.importorskip("torch", reason="parity tests need torch (pip install -e .[parity])")
+  return require_parity("torch")
 
 
 def _randomize(module, torch, seed):
@@ -104,8 +105,8 @@ def _check_parity(torch, modules, config, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mamba1_matches_transformers_and_mambapy(backend):
   torch = _torch()
-  pytest.importorskip("transformers", reason="parity tests need transformers")
-  pytest.importorskip("mambapy", reason="parity tests need mambapy")
+  require_parity("transformers")
+  require_parity("mambapy")
   from mambapy.mamba import MambaBlock, MambaConfig as PyConfig
   from transformers import MambaConfig
   from transformers.models.mamba.modeling_mamba import MambaMixer
@@ -128,7 +129,7 @@ def test_mamba1_matches_transformers_and_mambapy(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mamba2_matches_transformers(backend):
   torch = _torch()
-  pytest.importorskip("transformers", reason="parity tests need transformers")
+  require_parity("transformers")
   from transformers import Mamba2Config
   from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
   torch.manual_seed(0)

@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 import pytest
+from tests.conftest import require_parity
 
-torch = pytest.importorskip("torch", reason="the oracle needs torch (pip install -e .[parity])")
-pytest.importorskip("transformers", reason="the oracle needs transformers (Mamba2Mixer)")
-pytest.importorskip("safetensors", reason="the oracle's checkpoints need safetensors")
+torch = require_parity("torch")
+require_parity("transformers")
 
 from tests.torch_genemamba import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     CLS_TOKEN, MODES, OriginalClassifier, OriginalMambaModel, add_cls_row_, flip_sc,

@@ -154,5 +154,5 @@ def test_cli_reports_a_misspelt_key_in_one_line(tmp_path):
        str(tmp_path), "--config.batchsize=3"], cwd=root, capture_output=True, text=True)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      'error: \'batchsize\' Did you mean "batch_size" instead of "batchsize"?']
+      "error: --config.batchsize: unknown key batchsize; did you mean batch_size or eval_batches?"]
   assert not os.listdir(tmp_path)

@@ -12,7 +12,11 @@ import dataclasses
 
 import ml_collections
 
+from genemamba_jax.data.errors import DataError
 from genemamba_jax.model import GeneMambaConfig
+
+# `data.path` of the embedded demo data (configs/demo.py): scanpy's pbmc68k_reduced, prepared once.
+DEMO_DATA = "demo:pbmc68k_reduced"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -23,8 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
   # train/warm_start.py). The corpus must be tokenized with its vocabulary.
   c.init_checkpoint = ""
   c.data = ml_collections.ConfigDict(dict(
-      path="",  # a tokenized directory (prepare tokenize)
-      demo=False,  # use the embedded demo data instead of `path`
+      path="",  # a tokenized directory (prepare tokenize); "demo:pbmc68k_reduced": the demo's
       max_len=2048,  # L: crop / pad every cell to this many tokens
       eval_fraction=0.01,  # cells held out for the evaluation loss
       worker_count=0,  # Grain worker processes
@@ -78,7 +81,7 @@ def comment_sources() -> list[tuple[object, str]]:
 
 
 def model_config(c: ml_collections.ConfigDict, vocab_size: int, streams: str) -> GeneMambaConfig:
-  """The GeneMambaConfig of a training config; ValueError names a bad key."""
+  """The GeneMambaConfig of a training config; DataError names a bad key or value."""
   fields = dict(c.model)
   fields["vocab_size"] = fields["vocab_size"] or vocab_size
   fields["dt_rank"] = fields["dt_rank"] or None
@@ -86,30 +89,34 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int, streams: str) ->
   known = {f.name for f in dataclasses.fields(GeneMambaConfig)}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"unknown model keys: {', '.join('model.' + k for k in unknown)}")
-  return GeneMambaConfig(**fields, streams=streams)
+    raise DataError(f"unknown model keys: {', '.join('model.' + k for k in unknown)}")
+  try:
+    return GeneMambaConfig(**fields, streams=streams)
+  except (ValueError, TypeError) as e:  # e.g. model.mixer='mamba3'
+    raise DataError(str(e).replace("GeneMambaConfig: ", "model.")) from None
 
 
 def check(c: ml_collections.ConfigDict) -> None:
   """Impossible combinations, found before anything compiles."""
   from genemamba_jax.train import objectives  # pylint: disable=g-import-not-at-top
   if c.objective not in objectives.OBJECTIVES:
-    raise ValueError(f"objective={c.objective!r}; use one of {', '.join(objectives.OBJECTIVES)}")
-  if not c.data.demo and not c.data.path:
-    raise ValueError("set data.path to a tokenized directory (prepare tokenize), or data.demo=True")
+    raise DataError(f"objective={c.objective!r}; use one of {', '.join(objectives.OBJECTIVES)}")
+  if not c.data.path:
+    raise DataError("set data.path to a tokenized directory (prepare tokenize), or to "
+                     "demo:pbmc68k_reduced for the embedded demo data")
   for key in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
     if c[key] < 1:
-      raise ValueError(f"{key}={c[key]} must be >= 1")
+      raise DataError(f"{key}={c[key]} must be >= 1")
   if c.batch_size % max(1, _process_count()):
-    raise ValueError(f"batch_size={c.batch_size} is not divisible by the {_process_count()} processes")
+    raise DataError(f"batch_size={c.batch_size} is not divisible by the {_process_count()} processes")
   if c.pathway.gmt and not 0 < c.pathway.tau:
-    raise ValueError(f"pathway.tau={c.pathway.tau} must be > 0")
+    raise DataError(f"pathway.tau={c.pathway.tau} must be > 0")
   if c.coexpression.pairs and not 0 < c.coexpression.tau:
-    raise ValueError(f"coexpression.tau={c.coexpression.tau} must be > 0")
+    raise DataError(f"coexpression.tau={c.coexpression.tau} must be > 0")
   if c.coexpression.pairs and c.coexpression.genes_per_cell < 1:
-    raise ValueError(f"coexpression.genes_per_cell={c.coexpression.genes_per_cell} must be >= 1")
+    raise DataError(f"coexpression.genes_per_cell={c.coexpression.genes_per_cell} must be >= 1")
   if len(c.profile_steps) not in (0, 2):
-    raise ValueError("profile_steps is () or (first, last)")
+    raise DataError("profile_steps is () or (first, last)")
 
 
 def _process_count() -> int:

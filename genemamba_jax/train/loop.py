@@ -8,9 +8,11 @@ parameters, optimizer state, step, RNG and the data iterator are restored.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import sys
 import warnings
 
 import jax
@@ -31,6 +33,7 @@ from genemamba_jax.train import metrics as metrics_lib
 from genemamba_jax.train import objectives, sharding
 from genemamba_jax.train import optimizer as optimizer_lib
 from genemamba_jax.train import pathway as pathway_lib
+from genemamba_jax.train import resume
 from genemamba_jax.train import step as step_lib
 from genemamba_jax.train import warm_start
 
@@ -39,7 +42,10 @@ class TrainingError(RuntimeError):
   """The run cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
-def demo_data_path() -> str:
+def data_path(c: ml_collections.ConfigDict) -> str:
+  """The tokenized directory to train on; DEMO_DATA prepares (once) and returns the demo's."""
+  if c.data.path != config_lib.DEMO_DATA:
+    return c.data.path
   from genemamba_jax.data import demo  # pylint: disable=g-import-not-at-top
   cache = os.environ.get("GENEMAMBA_CACHE", os.path.expanduser("~/.cache/genemamba_jax"))
   return str(demo.prepare_demo(os.path.join(cache, "demo_data"))["tokens"])
@@ -51,25 +57,39 @@ def _pipeline(path: str, c, split: str, per_process: int) -> PipelineConfig:
                         worker_count=c.data.worker_count if split == "train" else 0)
 
 
+def _auxiliary_losses(c, vocab: dict, vocab_size: int) -> tuple:
+  """The pathway and co-expression losses the config turns on."""
+  losses = []
+  if c.pathway.gmt:
+    gene_map = genes.load_gene_map(c.pathway.gene_map) if c.pathway.gene_map else None
+    membership, _ = pathway_lib.load_gene_sets(list(c.pathway.gmt), vocab, gene_map)
+    losses.append(pathway_lib.PathwayLoss(
+        jnp.asarray(membership), gamma=c.pathway.gamma, tau=c.pathway.tau,
+        genes_per_cell=c.pathway.genes_per_cell))
+  if c.coexpression.pairs:
+    co = c.coexpression
+    gene_map = genes.load_gene_map(co.gene_map) if co.gene_map else None
+    positive, negative = coexpression_lib.load_gene_pairs(co.pairs, vocab, gene_map,
+                                                          split=co.split)
+    losses.append(coexpression_lib.CoexpressionLoss.from_pairs(
+        positive, negative, vocab_size, gamma=co.gamma, tau=co.tau,
+        genes_per_cell=co.genes_per_cell))
+  return tuple(losses)
+
+
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Pretrains as `c` says, writing checkpoints and metrics to `workdir`; returns the last metrics."""
-  # --- config and mesh
+  """Pretrains as `c` says, writing checkpoints and metrics to `workdir`; returns the last metrics.
+
+  Everything is checked before anything is written: a bad config, missing data
+  or a workdir holding a run with other settings leave the workdir as it was.
+  The result also says how the run ended: "finished" (it had already reached
+  num_steps), "paused" (steps_per_run) or "stopped" (a signal name).
+  """
+  # --- config, data and model, all checked before anything is written
+  sharding.maybe_initialize_distributed(c.mesh)  # before any other JAX call
   config_lib.check(c)
-  sharding.maybe_initialize_distributed(c.mesh)
-  mesh = sharding.make_mesh(c.mesh)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(c.to_json_best_effort(indent=1))
-
-  # --- data
-  path = demo_data_path() if c.data.demo else c.data.path
+  path = data_path(c)
   manifest = records.load_manifest(path)
-  per_process = c.batch_size // jax.process_count()
-  train_ds = make_dataset(path, _pipeline(path, c, "train", per_process))
-  train_it = iter(train_ds)
-
-  # --- model, objective, optimizer
   streams = objectives.model_streams_for(c.objective)
   init_params = None
   if c.init_checkpoint:
@@ -81,26 +101,23 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       name=c.objective, pad_id=special.get("pad", 0), mask_id=special.get("mask", 1),
       special_ids=tuple(special[k] for k in ("cls", "eos") if special.get(k) is not None),
       mlm_probability=c.mlm_probability)
-  aux_losses = []
-  if c.pathway.gmt:
-    gene_map = genes.load_gene_map(c.pathway.gene_map) if c.pathway.gene_map else None
-    membership, _ = pathway_lib.load_gene_sets(list(c.pathway.gmt), manifest["vocab"], gene_map)
-    aux_losses.append(pathway_lib.PathwayLoss(
-        jnp.asarray(membership), gamma=c.pathway.gamma, tau=c.pathway.tau,
-        genes_per_cell=c.pathway.genes_per_cell))
-  if c.coexpression.pairs:
-    co = c.coexpression
-    gene_map = genes.load_gene_map(co.gene_map) if co.gene_map else None
-    positive, negative = coexpression_lib.load_gene_pairs(co.pairs, manifest["vocab"], gene_map,
-                                                          split=co.split)
-    aux_losses.append(coexpression_lib.CoexpressionLoss.from_pairs(
-        positive, negative, model_config.vocab_size, gamma=co.gamma, tau=co.tau,
-        genes_per_cell=co.genes_per_cell))
-  aux_losses = tuple(aux_losses)
+  aux_losses = _auxiliary_losses(c, manifest["vocab"], model_config.vocab_size)
+  config_json = c.to_json_best_effort(indent=1)
+  resume.check_resumable(workdir, json.loads(config_json), model_config, manifest["vocab"])
+  done_before = resume.latest_step(workdir) or 0
+  if done_before >= c.num_steps:  # nothing to do: say so, write nothing
+    return dict(metrics_lib.last_logged(workdir), finished=done_before)
+
+  # --- mesh and the run directory's files
+  mesh = sharding.make_mesh(c.mesh)
+  per_process = c.batch_size // jax.process_count()
   if jax.process_index() == 0:  # what embed / finetune need beside the checkpoints
+    os.makedirs(workdir, exist_ok=True)
+    resume.write_config(workdir, config_json)
     pretrained.write_run_files(
         workdir, model_config, Vocab(manifest["vocab"], f"{path}/manifest.json"),
         manifest["medians"], {**manifest.get("settings", {}), "max_len": c.data.max_len})
+  train_it = iter(make_dataset(path, _pipeline(path, c, "train", per_process)))
   tx = optimizer_lib.make_optimizer(c.optimizer, c.num_steps)
   schedule = optimizer_lib.learning_rate(c.optimizer, c.num_steps)  # the one tx follows
 
@@ -135,12 +152,22 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   params_per_token = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
   peak = metrics_lib.peak_flops_per_device()
 
-  # --- preemption: SIGTERM saves a checkpoint and ends the run cleanly
+  # --- Ctrl-C (SIGINT) and preemption (SIGTERM): finish the step, save a checkpoint, stop.
+  # A second Ctrl-C stops at once (the last finished checkpoint stays the one to resume from).
   stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+  def on_signal(signum, frame):
+    if stop["signal"] == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    stop["signal"] = signum
+    if jax.process_index() == 0:
+      print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+            "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
   writer = metrics_lib.MetricsWriter(workdir, c.num_steps, start)
-  pending, last = [], {}
+  pending, last, done = [], {}, start
   try:
     for step in range(start, c.num_steps):
       if c.profile_steps and step == c.profile_steps[0]:
@@ -161,18 +188,45 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       pause = c.steps_per_run and done - start >= c.steps_per_run
       ckpt.save(done, state, train_it, force=done == c.num_steps or bool(stop["signal"]) or pause)
       if pause:
+        last["paused"] = done
         break
       if stop["signal"]:
-        print(f"SIGTERM: saved a checkpoint at step {done} in {workdir}; re-run to resume")
+        last["stopped"] = signal.Signals(stop["signal"]).name
         break
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
     ckpt.wait()
     ckpt.close()
     writer.close()
     if hasattr(train_it, "close"):
       train_it.close()
+  last["step"] = done
   return last
+
+
+def summary_lines(result: dict, workdir: str) -> list[str]:
+  """What `python -m genemamba_jax.train` prints at the end of a run (see train_and_evaluate)."""
+  losses = ", ".join(f"{name} {result[key]:.4f}" for key, name in
+                     (("loss", "loss"), ("eval_loss", "eval loss"))
+                     if isinstance(result.get(key), float) and math.isfinite(result[key]))
+  losses = f" ({losses})" if losses else ""
+  if "finished" in result:
+    return [f"already finished: step {result['finished']} in {workdir}{losses}; nothing to do "
+            "(raise --config.num_steps to train on)"]
+  if "stopped" in result:
+    head = (f"{result['stopped']}: saved a checkpoint at step {result['step']}{losses}; re-run "
+            "the same command to resume")
+  elif "paused" in result:
+    head = (f"paused after steps_per_run at step {result['paused']}{losses}; re-run the same "
+            "command to go on")
+  else:
+    head = f"done: step {result['step']}{losses}"
+  return [head,
+          f"checkpoints: {workdir}/checkpoints   metrics: {workdir}/metrics.jsonl",
+          f"TensorBoard: pip install tensorboard, then tensorboard --logdir {workdir}/tensorboard",
+          "next: embed, finetune or evaluate with --checkpoint " + workdir + "; re-run with a "
+          "larger --config.num_steps to train on"]
 
 
 def _log(pending: list, writer: metrics_lib.MetricsWriter, params: int, peak) -> dict:
