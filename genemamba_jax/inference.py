@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from flax import nnx
-from tqdm.auto import tqdm
 
+from genemamba_jax import progress
 from genemamba_jax.model import GeneMamba, cell_embedding
 
 POOLINGS = ("cls", "mean")
@@ -75,12 +75,12 @@ def _map_batches(fn: Callable, model: GeneMamba, sentences: Sequence[np.ndarray]
   """
   step = batch_step(fn, model)
   outputs = []
-  progress = tqdm(total=len(sentences), desc=desc, unit="cell", disable=desc is None)
-  for start, stop, tokens, mask in padded_batches(sentences, batch_size, model.config.pad_id):
-    rows, carry = step(tokens, mask, carry)
-    outputs.append(jax.tree.map(lambda x, n=stop - start: np.asarray(x[:n]), rows))
-    progress.update(stop - start)
-  progress.close()
+  # `with`: an error mid-way closes the bar before the command prints it.
+  with progress.bar(len(sentences), desc, "cells") as bar:
+    for start, stop, tokens, mask in padded_batches(sentences, batch_size, model.config.pad_id):
+      rows, carry = step(tokens, mask, carry)
+      outputs.append(jax.tree.map(lambda x, n=stop - start: np.asarray(x[:n]), rows))
+      bar.update(stop - start)
   return outputs, carry
 
 
@@ -189,13 +189,12 @@ def tokenize_all(tokenizer, source, columns: Sequence[str] = (), desc: str | Non
   `Pretrained.tokenizer` makes it), so row i of any output is cell i of the input.
   """
   sentences, names, frames = [], [], []
-  progress = tqdm(total=source.n_cells, desc=desc, unit="cell", disable=desc is None)
-  for cells in tokenizer.tokenize_source(source, columns=columns):
-    sentences.extend(cells.sentences())
-    names.append(cells.obs_names)
-    frames.append(cells.obs)
-    progress.update(len(cells))
-  progress.close()
+  with progress.bar(source.n_cells, desc, "cells") as bar:
+    for cells in tokenizer.tokenize_source(source, columns=columns):
+      sentences.extend(cells.sentences())
+      names.append(cells.obs_names)
+      frames.append(cells.obs)
+      bar.update(len(cells))
   obs_names = np.concatenate(names) if names else np.zeros((0,), str)
   if len(obs_names) != source.n_cells:  # would misalign rows with the input's cells
     raise RuntimeError(f"{source.path}: {len(obs_names)} of {source.n_cells} cells tokenized")

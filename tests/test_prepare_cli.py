@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -59,6 +60,19 @@ def test_tokenize_writes_shards_manifest_and_summary(capsys, tmp_path, counts_fi
   assert all(c["tokens"][0] == 2 and c["tokens"][-1] == 3 and len(c["tokens"]) <= 64 for c in cells)
   assert cells[4]["label"] == "B" and cells[4]["batch"] == "d1"
   assert cells[0]["source"] == os.path.realpath(counts_file)
+
+
+def test_progress_bars_show_whole_cell_counts_and_end_once(capsys, tmp_path, counts_file,
+                                                           vocab_dir):
+  status, _, err = tokenize(capsys, counts_file, vocab_dir, tmp_path / "tok",
+                            "--cells-per-shard", 50)
+  assert status == 0, err
+  frames = [f for f in re.split(r"[\r\n]", err) if f.startswith("tokenize")]
+  assert "| 0/120 cells" in frames[0]  # tqdm's unit_scale would show "0.00/120"
+  assert not [f for f in frames if "0.00/" in f]
+  assert "| 120/120 cells" in frames[-1]
+  assert sum("100%" in f for f in frames) == 1  # the final state is drawn once
+  assert err.endswith("\n")  # and its line is ended
 
 
 def test_rerun_skips_finished_shards_and_redoes_unfinished(capsys, tmp_path, counts_file, vocab_dir):
@@ -146,9 +160,10 @@ def test_import_geneformer(capsys, tmp_path, shared_data):
 def _expect_error(capsys, tmp_path, argv, *fragments):
   status, out, err = run(capsys, *argv)
   assert status == 2, (out, err)
-  # The error is the last line of stderr (a progress bar may come before it).
-  err = err.rstrip("\n").split("\n")[-1].split("\r")[-1]
-  assert err.startswith("error: "), err
+  # The error is the last line of stderr, on a line of its own: a progress bar may come
+  # before it, but is closed (its line ended) first.
+  err = err.rstrip("\n").split("\n")[-1]
+  assert err.startswith("error: ") and "\r" not in err, err
   for fragment in fragments:
     assert fragment in err, err
   out_dir = tmp_path / "out"

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from genemamba_jax import progress
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
 from genemamba_jax.data import readers
@@ -85,9 +85,12 @@ def run_units(fn: Callable, units: Sequence[Unit], args: tuple, workers: int, to
               desc: str) -> Iterable:
   """Runs `fn(unit, *args)` for every unit, yielding results as they finish.
 
-  Each result is `(cells_done, payload)`; cells_done feeds the progress bar.
+  Each result is `(cells_done, payload)`; cells_done feeds the progress bar. Consume it
+  under `contextlib.closing` so that an error raised by the consumer closes the bar too
+  (before the error is printed) rather than when the generator is collected.
   """
-  bar = tqdm(total=total_cells, desc=desc, unit="cells", unit_scale=True, dynamic_ncols=True)
+  # Integer cell counts (`progress.bar`), not tqdm's unit_scale, which shows 0 as "0.00".
+  bar = progress.bar(total_cells, desc, "cells")
   try:
     if workers <= 1:
       for unit in units:

@@ -13,6 +13,7 @@ when one is given (the paper keeps protein-coding and miRNA genes).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -93,12 +94,13 @@ def compute_medians(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
   digests, stats, genes = GeneDigests(), collections.Counter(), {}
   per_file = collections.defaultdict(collections.Counter)
   args = (paths, config, input_config)
-  for source, part, part_stats, matched in corpus.run_units(
-      _digest_unit, units, args, workers, sum(sizes), "medians"):
-    digests.merge(part)
-    stats.update(part_stats)
-    per_file[paths[source]].update(part_stats)
-    genes[paths[source]] = matched
+  with contextlib.closing(corpus.run_units(_digest_unit, units, args, workers, sum(sizes),
+                                           "medians")) as results:
+    for source, part, part_stats, matched in results:
+      digests.merge(part)
+      stats.update(part_stats)
+      per_file[paths[source]].update(part_stats)
+      genes[paths[source]] = matched
   for path in paths:
     corpus.check_not_empty(per_file[path], path)
   info = {"source": "data", "median_space": "log1p" if config.log1p else "normalized",

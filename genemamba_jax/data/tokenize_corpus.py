@@ -8,6 +8,7 @@ same directory is refused, so one dataset never mixes two tokenizations.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import time
@@ -108,8 +109,10 @@ def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.Pat
   dtype = corpus.token_dtype(len(tokenizer.vocab))
   shard_stats = [None] * len(units)
   args = (paths, vocab_dir, str(out_dir), config, input_config, columns, dtype)
-  for stats in corpus.run_units(_tokenize_unit, units, args, workers, sum(sizes), "tokenize"):
-    shard_stats[stats["unit"]] = stats
+  with contextlib.closing(corpus.run_units(_tokenize_unit, units, args, workers, sum(sizes),
+                                           "tokenize")) as results:
+    for stats in results:
+      shard_stats[stats["unit"]] = stats
   manifest = _manifest(paths, units, shard_stats, tokenizer, config, input_config, columns, dtype)
   for i, path in enumerate(paths):
     mine = [s for s in shard_stats if s["source"] == i]
