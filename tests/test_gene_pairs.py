@@ -139,6 +139,7 @@ def test_run_gene_pairs_writes_outputs(tmp_path):
   table = gp.run_gene_pairs(names, emb, folder, out, seed=2)
   assert sorted(p.name for p in out.iterdir()) == ["gene_pairs.csv", "gene_pairs.json",
                                                    "similarity.png"]  # no temp files left
+  assert sorted(gp.output_files(out)) == sorted(out.iterdir())  # what the CLI names
   assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   csv = pd.read_csv(out / "gene_pairs.csv", index_col="method")
   pd.testing.assert_frame_equal(csv, table, check_dtype=False, check_names=False)
@@ -146,6 +147,24 @@ def test_run_gene_pairs_writes_outputs(tmp_path):
   assert report["pairs_total"] == 120 and report["positive_covered"] == 60
   assert report["results"]["embedding"]["auc"] == pytest.approx(table.loc["embedding", "auc"])
   assert report["results"]["random"]["pairs_used"] == 120
+
+
+@pytest.mark.parametrize("metric, axis", [("cosine", "cosine similarity"),
+                                          ("pearson", "Pearson correlation")])
+def test_similarity_figure_names_the_metric_and_auc_on_shared_axes(metric, axis):
+  names, emb, pairs = _structured(n_groups=60)
+  table = gp.pair_benchmark(names, emb, pairs, metric=metric)
+  sims = {m: gp.pair_similarities(names, e, pairs, metric=metric)
+          for m, e in (("embedding", emb), ("random", np.random.default_rng(0).standard_normal(
+              emb.shape)))}
+  fig = gp.similarity_figure(sims, metric, table)
+  left, right = fig.axes
+  assert axis in left.get_xlabel() and axis in right.get_xlabel()
+  assert f"ROC-AUC {table.loc['embedding', 'auc']:.3f}" in left.get_title()
+  assert f"ROC-AUC {table.loc['random', 'auc']:.3f}" in right.get_title()
+  assert left.get_shared_y_axes().joined(left, right)  # heights compare across panels
+  assert [t.get_text() for t in left.get_legend().get_texts()] == [
+      "positive pairs (n=60)", "negative pairs (n=60)"]
 
 
 def test_run_gene_pairs_too_few_matches(tmp_path):

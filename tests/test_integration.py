@@ -66,8 +66,8 @@ def test_kang_metrics_files(kang):
       m: dict(row) for m, row in csv.to_dict(orient="index").items()}
   # The input is only read; no temp files are left behind.
   assert _sha(kang["path"]) == kang["digest"]
-  assert sorted(p.name for p in out.iterdir()) == [
-      "metrics.csv", "metrics.json", "umap_genemamba.png", "umap_harmony.png", "umap_pca.png"]
+  assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json", "umap.png"]
+  assert sorted(integration.output_files(out)) == sorted(out.iterdir())
 
 
 def test_kang_harmony_mixes_patients(kang):
@@ -80,13 +80,51 @@ def test_kang_harmony_mixes_patients(kang):
   assert kang["base"]["harmony"].shape == kang["base"]["pca"].shape == (kang["adata"].n_obs, 50)
 
 
-def test_kang_umap_pngs(kang):
-  for method in integration.METHODS:
-    path = kang["out"] / f"umap_{method}.png"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    image = imread(path)
-    assert image.ndim == 3 and image.shape[1] > 1.5 * image.shape[0]  # two panels side by side
-    assert image[..., :3].std() > 0.05  # something is drawn
+def test_kang_umap_png(kang):
+  path = kang["out"] / "umap.png"
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  image = imread(path)
+  assert image.ndim == 3 and image.shape[1] > 1.5 * image.shape[0]  # 3 methods side by side
+  assert image[..., :3].std() > 0.05  # something is drawn
+
+
+def test_umap_figure_puts_methods_side_by_side_with_their_scores():
+  rng = np.random.default_rng(0)
+  coords = {m: rng.standard_normal((40, 2)) for m in integration.METHODS}
+  panels = {"cell_type": np.repeat(["T", "B"], 20), "patient": np.tile(["p1", "p2"], 20)}
+  table = pd.DataFrame({"avg_bio": [0.31, 0.56, 0.55], "avg_batch": [0.75, 0.86, 0.81]},
+                       index=list(integration.METHODS))
+  fig = integration.umap_figure(coords, panels, table)
+  axes = fig.axes
+  assert len(axes) == 6  # one column per method, a row per colouring
+  titles = [ax.get_title() for ax in axes[:3]]
+  assert "GeneMamba" in titles[0] and "Avg_bio 0.31, Avg_batch 0.75" in titles[0]
+  assert "PCA" in titles[1] and "Avg_bio 0.56" in titles[1]
+  assert "Harmony" in titles[2] and "Avg_batch 0.81" in titles[2]
+  assert "cell_type" in axes[0].get_ylabel() and "patient" in axes[3].get_ylabel()
+  # One legend per row, with that row's categories.
+  legends = [ax.get_legend() for ax in axes if ax.get_legend() is not None]
+  assert [[t.get_text() for t in leg.get_texts()] for leg in legends] == [["B", "T"],
+                                                                          ["p1", "p2"]]
+
+
+@pytest.mark.slow
+def test_cli_names_every_file_and_prints_lisi(kang, tmp_path, capsys):
+  from genemamba_jax.evaluate import __main__ as cli
+  out = tmp_path / "cli"
+  assert cli.main(["integration", "--input", str(kang["path"]), "--embedding", "X_test",
+                   "--batch-column", BATCH, "--label-column", LABEL, "--out", str(out)]) == 0
+  captured = capsys.readouterr()
+  # The first line names the input before the ~20 s of imports; each step is announced.
+  assert captured.err.startswith("integration: ") and str(kang["path"]) in captured.err.split(
+      "\n")[0]
+  assert "baselines" in captured.err and "UMAP" in captured.err
+  header = next(line for line in captured.out.splitlines() if "avg_bio" in line).split()
+  assert {"ilisi", "clisi", "avg_bio", "avg_batch"} <= set(header)
+  written = [line.removeprefix("written: ") for line in captured.out.splitlines()
+             if line.startswith("written: ")]
+  assert sorted(written) == sorted(str(p) for p in out.iterdir())  # every file, only those
+  assert {p.rsplit("/", 1)[-1] for p in written} == {"metrics.csv", "metrics.json", "umap.png"}
 
 
 def test_one_hot_beats_noise(kang):

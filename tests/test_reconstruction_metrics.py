@@ -1,7 +1,6 @@
 """Gene rank reconstruction metrics: hand-checked values and independent oracles."""
 
 import math
-import sys
 from collections import Counter
 
 import numpy as np
@@ -10,31 +9,28 @@ import pytest
 
 from genemamba_jax.evaluate import reconstruction_metrics as rm
 
-# (1/6 * float_min) ** (1/4): nltk, unsmoothed, puts sys.float_info.min in for
-# a zero n-gram precision, so "no 4-gram match" is ~7.8e-78, not exactly 0.
-TINY_BLEU4 = (1 / 6 * sys.float_info.min) ** 0.25
-
 
 def test_swap_of_last_two_tokens():
   ref, hyp = np.array([1, 2, 3, 4, 5]), np.array([1, 2, 3, 5, 4])
-  # Two substitutions (positions 4 and 5); NLD = 1 - 2/5.
+  # Two substitutions (positions 4 and 5); nl_dist = 2/5 (the paper's NLD 1 - 2/5).
   assert rm.levenshtein(ref, hyp) == 2
-  assert rm.normalized_levenshtein(ref, hyp) == pytest.approx(0.6)
+  assert rm.normalized_levenshtein(ref, hyp) == pytest.approx(0.4)
   # Clipped n-gram precisions, c = r = 5 so BP = 1:
   #   p1 = 5/5 (every token occurs in ref)
   #   p2 = 2/4 ((1,2), (2,3) match; (3,5), (5,4) do not)
   #   p3 = 1/3 ((1,2,3) matches; (2,3,5), (3,5,4) do not)
-  #   p4 = 0/2 -> nltk uses sys.float_info.min
+  #   p4 = 0/2: no 4-gram matches
   # BLEU1 = 1, BLEU2 = (1 * 1/2)^(1/2) = 0.70711,
-  # BLEU3 = (1 * 1/2 * 1/3)^(1/3) = (1/6)^(1/3) = 0.55032, BLEU4 = TINY_BLEU4.
+  # BLEU3 = (1 * 1/2 * 1/3)^(1/3) = (1/6)^(1/3) = 0.55032, BLEU4 = 0 exactly.
   scores = rm.bleu_n(ref, hyp)
   assert scores["bleu1"] == pytest.approx(1.0)
   assert scores["bleu2"] == pytest.approx(math.sqrt(0.5))
   assert scores["bleu2"] == pytest.approx(0.70711, abs=1e-5)
   assert scores["bleu3"] == pytest.approx((1 / 6) ** (1 / 3))
   assert scores["bleu3"] == pytest.approx(0.55032, abs=1e-5)
-  assert scores["bleu4"] == pytest.approx(TINY_BLEU4, rel=1e-9)
-  assert scores["bleu4"] < 1e-70
+  # Unsmoothed BLEU is a geometric mean with a zero factor: 0, not nltk's ~7.8e-78
+  # (it puts sys.float_info.min in for a zero precision), which reads as a bug.
+  assert scores["bleu4"] == 0.0
   assert rm.bleu(ref, hyp) == scores["bleu4"]
   assert rm.bleu(ref, hyp, max_n=3) == pytest.approx(scores["bleu3"])
   # Output ranks [0, 1, 2, 4, 3]; sum d^2 = 2; rho = 1 - 6*2 / (5 * 24) = 0.9.
@@ -49,9 +45,9 @@ def test_short_hypothesis_brevity_penalty():
   for value in rm.bleu_n(ref, hyp).values():
     assert value == pytest.approx(math.exp(-0.5))
     assert value == pytest.approx(0.60653, abs=1e-5)
-  # Two deletions; NLD = 1 - 2/6.
+  # Two deletions; nl_dist = 2/6.
   assert rm.levenshtein(ref, hyp) == 2
-  assert rm.normalized_levenshtein(ref, hyp) == pytest.approx(2 / 3)
+  assert rm.normalized_levenshtein(ref, hyp) == pytest.approx(1 / 3)
   # Output ranks [0,1,2,3,4,4] (5, 6 missing -> len(hyp) = 4, tied).
   # Average ranks x = 1..6, y = [1,2,3,4,5.5,5.5]; centred:
   # dx = [-2.5,-1.5,-.5,.5,1.5,2.5], dy = [-2.5,-1.5,-.5,.5,2,2];
@@ -67,7 +63,7 @@ def test_long_hypothesis_has_no_penalty():
   assert rm.bleu(ref, hyp, max_n=3) == pytest.approx(0.25 ** (1 / 3))
   assert rm.bleu(ref, hyp, max_n=1) == pytest.approx(0.75)
   assert rm.levenshtein(ref, hyp) == 1
-  assert rm.normalized_levenshtein(ref, hyp) == pytest.approx(0.75)
+  assert rm.normalized_levenshtein(ref, hyp) == pytest.approx(0.25)
   assert rm.exact_match(ref, hyp) == 0.0  # a prefix is not a match
 
 
@@ -96,7 +92,7 @@ def test_missing_and_repeated_genes():
 def test_identical_and_reversed():
   seq = np.arange(100, 108)
   assert rm.levenshtein(seq, seq) == 0
-  assert rm.normalized_levenshtein(seq, seq) == 1.0
+  assert rm.normalized_levenshtein(seq, seq) == 0.0  # a distance: 0 when identical
   assert rm.bleu_n(seq, seq) == {"bleu1": 1.0, "bleu2": 1.0, "bleu3": 1.0, "bleu4": 1.0}
   assert rm.rank_spearman(seq, seq) == pytest.approx(1.0)
   assert rm.exact_match(seq, seq) == 1.0
@@ -113,7 +109,7 @@ def test_undefined_and_degenerate_cases():
   assert rm.bleu_n([1, 2, 3], []) == {f"bleu{n}": 0.0 for n in range(1, 5)}
   assert rm.bleu([1, 2, 3], [8, 9]) == 0.0  # no unigram match: exactly 0
   assert rm.levenshtein([1, 2, 3], []) == 3
-  assert rm.normalized_levenshtein([1, 2, 3], []) == 0.0
+  assert rm.normalized_levenshtein([1, 2, 3], []) == 1.0  # nothing matches: the largest
 
 
 def test_string_tokens_match_int_tokens():
@@ -178,8 +174,8 @@ def test_levenshtein_and_bleu_against_oracles():
     assert rm.levenshtein(np.array(ref), np.array(hyp)) == _dp_levenshtein(ref, hyp)
     for n, got in zip(range(1, 5), rm.bleu_n(ref, hyp).values()):
       want = _direct_bleu(ref, hyp, n)
-      # Where the formula gives 0, nltk gives <= ~1e-77 (float_min stand-in).
-      assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+      assert got == pytest.approx(want, rel=1e-9)
+      assert (got == 0.0) == (want == 0.0)  # a missing n-gram order gives exactly 0
       nonzero += want > 0
   assert nonzero > 300  # the comparison is not only zeros
 
@@ -201,8 +197,8 @@ def test_sequence_metrics_and_summarize():
   assert summary["cells"] == 3
   assert summary["l_dist"] == pytest.approx(2.0)  # (2 + 4 + 0) / 3
   assert summary["l_dist_median"] == 2.0
-  # NLD: 1 - 2/5, 1 - 4/5, 1 - 0/1 -> (0.6 + 0.2 + 1) / 3 = 0.6.
-  assert summary["nl_dist"] == pytest.approx(0.6)
+  # nl_dist = l_dist / max length: 2/5, 4/5, 0/1 -> (0.4 + 0.8 + 0) / 3 = 0.4.
+  assert summary["nl_dist"] == pytest.approx(0.4)
   assert summary["spearman"] == pytest.approx(-0.05)  # nan cell skipped
   assert summary["spearman_undefined"] == 1
   assert summary["exact_match"] == pytest.approx(1 / 3)
@@ -221,3 +217,26 @@ def test_summarize_all_spearman_undefined():
 def test_summarize_needs_the_metric_columns():
   with pytest.raises(ValueError, match="lacks columns"):
     rm.summarize(pd.DataFrame({"l_dist": [1]}))
+
+
+def test_bleu_without_a_matching_4gram_is_exactly_zero():
+  # Every token and bigram matches, no trigram or 4-gram does: BLEU-3 and BLEU-4 are
+  # 0, and exactly so (a printed 1.3e-104 looks like a bug to a reader).
+  ref, hyp = [1, 2, 3, 4, 5, 6], [1, 2, 5, 6, 3, 4]
+  scores = rm.bleu_n(ref, hyp)
+  assert scores["bleu1"] == pytest.approx(1.0)
+  assert scores["bleu2"] == pytest.approx((1 * 3 / 5) ** 0.5)
+  assert scores["bleu3"] == 0.0 and scores["bleu4"] == 0.0
+  assert rm.bleu(ref, hyp) == 0.0
+  table = rm.sequence_metrics([np.array(ref)], [np.array(hyp)])
+  assert table.loc[0, "bleu4"] == 0.0
+  assert f"{rm.summarize(table)['bleu4']:.4g}" == "0"
+
+
+def test_nl_dist_is_a_distance_lower_is_better():
+  ref = np.arange(10)
+  close, far = ref.copy(), ref[::-1].copy()
+  close[-1] = 99
+  table = rm.sequence_metrics([ref, ref, ref], [ref, close, far])
+  assert table["nl_dist"].tolist() == pytest.approx([0.0, 0.1, 1.0])
+  assert (table["nl_dist"] == table["l_dist"] / 10).all()

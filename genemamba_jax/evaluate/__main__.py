@@ -2,7 +2,7 @@
 
   integration     scib-metrics on an embedding in obsm (e.g. embed's X_genemamba)
                   beside PCA and Harmony baselines: DIR/metrics.csv, metrics.json,
-                  umap_<method>.png
+                  umap.png
   reconstruction  gene rank reconstruction of a checkpoint on real cells, under the
                   original same-position protocol and the leak-free one, beside a
                   model-free baseline: DIR/reconstruction.csv, .json, _cells.csv, .png
@@ -20,19 +20,27 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from genemamba_jax import progress
 from genemamba_jax.data.errors import DataError
 
 
 def _integration(a) -> list[str]:
+  # A first line before the imports: scanpy, scib-metrics and JAX take ~20 s to load.
+  progress.status(f"integration: obsm[{a.embedding!r}] of {a.input} beside PCA and Harmony; "
+                  "loading scanpy, scib-metrics and JAX")
   from genemamba_jax.evaluate import integration  # pylint: disable=g-import-not-at-top
   table = integration.run_integration(a.input, a.embedding, a.batch_column, a.label_column,
                                       a.out, layer=a.layer, n_pcs=a.n_pcs, seed=a.seed,
-                                      plots=not a.no_plots)
+                                      plots=not a.no_plots, log=_step("integration"))
   return [_show(table[["avg_bio", "avg_batch", "nmi", "ari", "asw_label", "asw_batch",
-                       "graph_connectivity"]]), f"written: {a.out}/metrics.csv"]
+                       "graph_connectivity", "ilisi", "clisi"]]),
+          *_written(integration.output_files(a.out, plots=not a.no_plots))]
 
 
 def _reconstruction(a) -> list[str]:
+  progress.status(f"reconstruction: gene ranks of {a.input} rebuilt by {a.checkpoint}; "
+                  "loading JAX and the model")
+  log = _step("reconstruction")
   from genemamba_jax import inference, pretrained  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data import genes  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data.readers import open_source  # pylint: disable=g-import-not-at-top
@@ -40,22 +48,27 @@ def _reconstruction(a) -> list[str]:
   model = pretrained.load_pretrained(a.checkpoint)
   tokenizer = model.tokenizer(max_len=a.max_len,
                               gene_map=genes.load_gene_map(a.gene_map) if a.gene_map else None)
+  log(f"tokenizing {a.input} with the checkpoint's vocabulary")
   sentences, _, _ = inference.tokenize_all(tokenizer, open_source(a.input, a.layer,
                                                                   a.gene_column))
   chosen = reconstruction.sample_cells(len(sentences), a.cells, a.seed)
   sentences = [sentences[i] for i in chosen if len(sentences[i])]
   vocab = model.vocab
+  log(f"predicting the gene ranks of {len(sentences)} random cells under each protocol")
   summary, per_cell, hyps = reconstruction.reconstruct(
-      model.model, sentences, vocab.special_ids, batch_size=a.batch_size)
+      model.model, sentences, vocab.special_ids, batch_size=a.batch_size, progress=True)
   references = [s[~np.isin(s, vocab.special_ids)] for s in sentences]
-  reconstruction.write_outputs(summary, per_cell, a.out, references, hyps)
+  files = reconstruction.write_outputs(summary, per_cell, a.out, references, hyps)
   cols = [c for c in ("l_dist", "nl_dist", "bleu1", "bleu4", "spearman", "exact_match")
           if c in summary]
-  return [f"{len(sentences)} cells of {a.input}", _show(summary[cols]),
-          f"written: {a.out}/reconstruction.csv"]
+  return [f"{len(sentences)} cells of {a.input} (nl_dist: lower is better, the rest higher)",
+          _show(summary[cols]), *_written(files)]
 
 
 def _gene_pairs(a) -> list[str]:
+  source = f" of {a.genes or a.checkpoint}" if a.genes or a.checkpoint else ""
+  progress.status(f"gene-pairs: Gene2Vec {a.split} pairs of {a.pairs} scored with the gene "
+                  f"embeddings{source}")
   from genemamba_jax.evaluate import gene_pairs  # pylint: disable=g-import-not-at-top
   names, vectors = _gene_vectors(a)
   if a.gene_map:  # vocabulary ids (e.g. Ensembl) -> the pair files' symbols
@@ -66,7 +79,7 @@ def _gene_pairs(a) -> list[str]:
     vectors = vectors[first]
   table = gene_pairs.run_gene_pairs(list(names), vectors, a.pairs, a.out, split=a.split,
                                     seed=a.seed, metric=a.metric)
-  return [_show(table), f"written: {a.out}/gene_pairs.csv"]
+  return [_show(table), *_written(gene_pairs.output_files(a.out))]
 
 
 def _gene_vectors(a) -> tuple[list[str], np.ndarray]:
@@ -93,6 +106,16 @@ def _gene_vectors(a) -> tuple[list[str], np.ndarray]:
 
 def _show(frame: pd.DataFrame) -> str:
   return frame.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def _step(command: str):
+  """A `log(line)` for the run functions: `<command>: <line>` on stderr, beside the bars."""
+  return lambda line: progress.status(f"{command}: {line}")
+
+
+def _written(paths) -> list[str]:
+  """One `written: <path>` line per file the command wrote."""
+  return [f"written: {p}" for p in paths]
 
 
 def build_parser() -> argparse.ArgumentParser:

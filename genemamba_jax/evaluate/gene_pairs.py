@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
@@ -161,30 +162,63 @@ def pair_benchmark(gene_names, embeddings, pairs, *, seed=0, metric="cosine") ->
   return _benchmark(gene_names, embeddings, pairs, seed, metric)[0]
 
 
-def plot_similarity_distributions(similarities: dict[str, pd.DataFrame], path) -> None:
-  """Writes a PNG: per method, histograms of positive vs negative similarity.
+def similarity_figure(similarities: dict[str, pd.DataFrame], metric: str = "cosine",
+                      table: pd.DataFrame | None = None) -> Figure:
+  """Per method, histograms of the positive and negative pairs' similarity, on shared axes.
 
   Args:
     similarities: method name -> DataFrame with label and similarity columns.
-    path: PNG path, written atomically.
+    metric: the similarity used ("cosine" or "pearson"), named on the x axis.
+    table: `pair_benchmark`'s table; when given, each title carries the method's ROC-AUC.
+
+  Returns:
+    The Figure (Agg canvas attached), one panel per method, y axes shared so the
+    heights compare across panels.
   """
-  # A bare Figure renders with Agg and leaves pyplot's global state alone.
-  fig = Figure(figsize=(4.5 * max(len(similarities), 1), 3.5), layout="constrained")
-  axes = fig.subplots(1, max(len(similarities), 1), squeeze=False)[0]
+  fig = Figure(figsize=(4.5 * max(len(similarities), 1), 3.6), layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, max(len(similarities), 1), squeeze=False, sharey=True)[0]
   edges = np.linspace(-1, 1, 51)
-  for ax, (method, sim) in zip(axes, similarities.items()):
-    for label, name, color in ((1, "positive", "tab:red"), (0, "negative", "tab:blue")):
-      ax.hist(sim.loc[sim["label"] == label, "similarity"], bins=edges, density=True,
-              alpha=0.5, color=color, label=name)
-    ax.set(title=method, xlabel="similarity", ylabel="density")
-    ax.legend()
+  label = {"cosine": "cosine similarity", "pearson": "Pearson correlation"}.get(metric, metric)
+  for i, (ax, (method, sim)) in enumerate(zip(axes, similarities.items())):
+    for value, name, color in ((1, "positive pairs", "tab:red"),
+                               (0, "negative pairs", "tab:blue")):
+      values = sim.loc[sim["label"] == value, "similarity"]
+      ax.hist(values, bins=edges, density=True, alpha=0.5, color=color,
+              label=f"{name} (n={len(values):,})")
+    title = {"embedding": "model's gene embeddings",
+             "random": "random embeddings (baseline)"}.get(method, method)
+    if table is not None and method in table.index:
+      title += f"\nROC-AUC {table.loc[method, 'auc']:.3f} (0.5 = chance)"
+    ax.set(title=title, xlabel=f"{label} of the two genes")
+    if i == 0:
+      ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+  return fig
+
+
+def plot_similarity_distributions(similarities: dict[str, pd.DataFrame], path,
+                                  metric: str = "cosine",
+                                  table: pd.DataFrame | None = None) -> None:
+  """Writes `similarity_figure` as a PNG, atomically."""
+  fig = similarity_figure(similarities, metric, table)
   with atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=100)
+
+
+OUTPUTS = ("gene_pairs.csv", "gene_pairs.json", "similarity.png")
+
+
+def output_files(out_dir) -> list[Path]:
+  """The files run_gene_pairs writes into out_dir."""
+  return [Path(out_dir) / name for name in OUTPUTS]
 
 
 def run_gene_pairs(gene_names, embeddings, pairs_dir, out_dir, *, split="test", seed=0,
                    metric="cosine") -> pd.DataFrame:
   """Runs `pair_benchmark` on a split; writes gene_pairs.{csv,json}, similarity.png.
+
+  `output_files(out_dir)` lists the files written.
 
   Raises:
     DataError: the pair files are bad, or fewer than MIN_PAIRS_PER_LABEL
@@ -205,12 +239,12 @@ def run_gene_pairs(gene_names, embeddings, pairs_dir, out_dir, *, split="test", 
   table, sims = _benchmark(names, embeddings, pairs, seed, metric)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  write_bytes_atomic(out_dir / "gene_pairs.csv",
-                     table.to_csv(index_label="method").encode("utf-8"))
+  csv, json_file, png = output_files(out_dir)
+  write_bytes_atomic(csv, table.to_csv(index_label="method").encode("utf-8"))
   # pandas writes NaN as null (JSON has no NaN) and pairs_used as an int.
   results = json.loads(table.to_json(orient="index", double_precision=15))
-  write_json_atomic(out_dir / "gene_pairs.json", {
+  write_json_atomic(json_file, {
       "split": split, "metric": metric, "seed": seed, "pairs_total": len(pairs),
       "positive_covered": n_pos, "negative_covered": n_neg, "results": results})
-  plot_similarity_distributions(sims, out_dir / "similarity.png")
+  plot_similarity_distributions(sims, png, metric, table)
   return table

@@ -7,7 +7,7 @@ iLISI and cLISI are reported beside them. The baselines are the PCA of the
 log-normalized counts and Harmony on that PCA.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anndata
@@ -166,8 +166,8 @@ def baseline_embeddings(adata, *, layer: str | None = None, n_pcs: int = 50,
 
 
 def _scored(adata, embedding_key, batch_column, label_column, layer, n_pcs, seed, baselines,
-            where="adata"):
-  """(table, {method: [cells, dims] embedding}) of integration_table."""
+            where="adata", log=lambda line: None):
+  """(table, {method: [cells, dims] embedding}) of integration_table; `log` gets each step."""
   baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
   unknown = [m for m in baselines if m not in METHODS[1:]]
   if unknown:
@@ -177,10 +177,14 @@ def _scored(adata, embedding_key, batch_column, label_column, layer, n_pcs, seed
   labels, batches = adata.obs[label_column].to_numpy(), adata.obs[batch_column].to_numpy()
   try:
     if baselines:
+      log(f"baselines: {' and '.join(baselines)} of the log-normalized counts")
       base = baseline_embeddings(adata, layer=layer, n_pcs=n_pcs, batch_column=batch_column,
                                  seed=seed)
       embeddings.update({m: base[m] for m in baselines})
-    rows = {m: integration_metrics(e, labels, batches, seed=seed) for m, e in embeddings.items()}
+    rows = {}
+    for i, (method, emb) in enumerate(embeddings.items()):
+      log(f"metrics {i + 1}/{len(embeddings)}: {method}")
+      rows[method] = integration_metrics(emb, labels, batches, seed=seed)
   except DataError as e:  # the messages below name the field; add the file
     raise DataError(f"{where}: {e}") from None
   table = pd.DataFrame.from_dict(rows, orient="index", columns=list(METRIC_KEYS))
@@ -209,57 +213,100 @@ def _umap(embedding: np.ndarray, seed: int) -> np.ndarray:
   return np.asarray(work.obsm["X_umap"])
 
 
-def _plot_umap(path: Path, coords: np.ndarray, panels: dict[str, np.ndarray], title: str) -> None:
-  """PNG with one scatter panel per {name: [cells] category} over coords [cells, 2]."""
-  fig = Figure(figsize=(6.5 * len(panels), 5), layout="constrained")
+# Column titles: what each embedding is, in words.
+METHOD_TITLES = {"genemamba": "GeneMamba embedding", "pca": "PCA of log-normalized counts",
+                 "harmony": "Harmony (batch-corrected PCA)"}
+
+
+def umap_figure(coords: dict[str, np.ndarray], panels: dict[str, np.ndarray],
+                table: pd.DataFrame | None = None) -> Figure:
+  """One figure: a column per method, a row per colouring (e.g. cell type, then batch).
+
+  Args:
+    coords: {method: [cells, 2] UMAP coordinates}, in column order.
+    panels: {obs column: [cells] category per cell}, in row order.
+    table: the integration_table; when given, each method's column title carries its
+      Avg_bio and Avg_batch, so the picture and the scores are read together.
+
+  Returns:
+    The Figure (Agg canvas attached): axes in row-major order; the first row's
+    titles are the method (METHOD_TITLES) and "Avg_bio x.xx, Avg_batch x.xx".
+  """
+  methods, rows = list(coords), list(panels)
+  fig = Figure(figsize=(4.2 * len(methods) + 2.8, 4.0 * len(rows)), layout="constrained")
   FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
-  for ax, (name, values) in zip(fig.subplots(1, len(panels)), panels.items()):
-    cats = sorted(pd.unique(values.astype(str)))
+  axes = fig.subplots(len(rows), len(methods), squeeze=False)
+  for r, name in enumerate(rows):
+    values = np.asarray(panels[name]).astype(str)
+    cats = sorted(pd.unique(values))
     # Qualitative palettes while they have enough colours, then an even spread.
     colors = (matplotlib.colormaps["tab10" if len(cats) <= 10 else "tab20"].colors
               if len(cats) <= 20 else matplotlib.colormaps["turbo"](np.linspace(0, 1, len(cats))))
-    for cat, color in zip(cats, colors):
-      pts = coords[values.astype(str) == cat]
-      ax.scatter(pts[:, 0], pts[:, 1], s=3, color=color, label=cat)
-    ax.set(title=f"{title}: {name}", xticks=[], yticks=[], xlabel="UMAP1", ylabel="UMAP2")
-    ax.legend(fontsize=7, markerscale=3, frameon=False, loc="center left",
-              bbox_to_anchor=(1, 0.5), ncols=1 + len(cats) // 25)
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, format="png", dpi=110)
+    for c, method in enumerate(methods):
+      ax, xy = axes[r, c], coords[method]
+      for cat, color in zip(cats, colors):
+        pts = xy[values == cat]
+        ax.scatter(pts[:, 0], pts[:, 1], s=3, color=color, label=cat, rasterized=True)
+      ax.set(xticks=[], yticks=[], xlabel="UMAP1")
+      if r == 0:
+        title = METHOD_TITLES.get(method, method)
+        if table is not None and method in table.index:
+          title += (f"\nAvg_bio {table.loc[method, 'avg_bio']:.2f}, "
+                    f"Avg_batch {table.loc[method, 'avg_batch']:.2f}")
+        ax.set_title(title)
+      if c == 0:
+        ax.set_ylabel(f"coloured by {name}\nUMAP2")
+    # One legend per row: the categories are the same in every method's panel.
+    axes[r, -1].legend(fontsize=7, markerscale=3, frameon=False, loc="center left",
+                       bbox_to_anchor=(1, 0.5), ncols=1 + len(cats) // 25, title=name)
+  return fig
+
+
+def output_files(out_dir, plots: bool = True) -> list[Path]:
+  """The files run_integration writes into out_dir."""
+  names = ["metrics.csv", "metrics.json"] + (["umap.png"] if plots else [])
+  return [Path(out_dir) / n for n in names]
 
 
 def run_integration(input_path: str, embedding_key: str, batch_column: str, label_column: str,
                     out_dir: str, *, layer: str | None = None, n_pcs: int = 50, seed: int = 0,
                     baselines: Sequence[str] = ("pca", "harmony"),
-                    plots: bool = True) -> pd.DataFrame:
+                    plots: bool = True, log: Callable[[str], None] | None = None) -> pd.DataFrame:
   """Scores an .h5ad's embedding and baselines; writes metrics and UMAPs to out_dir.
 
   Writes metrics.csv (first column `method`), metrics.json ({method: {metric:
-  value}}) and, with `plots`, umap_<method>.png (panels coloured by label and by
-  batch), each atomically. The input file is only read.
+  value}}) and, with `plots`, umap.png (a column per method, rows coloured by
+  label and by batch), each atomically (`output_files` lists them). The input
+  file is only read. `log` gets a line as each step starts (the CLI prints them).
 
   Returns:
     The integration_table DataFrame.
   """
+  log = log or (lambda line: None)
   path = Path(input_path)
   if not path.is_file():
     raise DataError(f"{path}: file not found; expected an .h5ad with obsm[{embedding_key!r}]")
+  log(f"reading {path}")
   try:
     adata = anndata.read_h5ad(path)
   except (OSError, KeyError, ValueError, TypeError) as e:  # what h5py/anndata raise on a bad file
     raise DataError(f"{path}: cannot read it as .h5ad ({e})") from None
   table, embeddings = _scored(adata, embedding_key, batch_column, label_column, layer, n_pcs,
-                              seed, baselines, where=str(path))
+                              seed, baselines, where=str(path), log=log)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  with atomic_path(out / "metrics.csv") as tmp:
+  files = output_files(out, plots)
+  with atomic_path(files[0]) as tmp:
     table.to_csv(tmp, index_label="method")
-  write_json_atomic(out / "metrics.json",
+  write_json_atomic(files[1],
                     {m: {k: (None if np.isnan(v) else float(v)) for k, v in row.items()}
                      for m, row in table.to_dict(orient="index").items()})
   if plots:
+    log(f"UMAPs of {len(embeddings)} embeddings")
     panels = {label_column: adata.obs[label_column].to_numpy(),
               batch_column: adata.obs[batch_column].to_numpy()}
-    for method, emb in embeddings.items():
-      _plot_umap(out / f"umap_{method}.png", _umap(emb, seed), panels, method)
+    coords = {method: _umap(emb, seed) for method, emb in embeddings.items()}
+    fig = umap_figure(coords, panels, table)
+    with atomic_path(files[2]) as tmp:
+      fig.savefig(tmp, format="png", dpi=110)
   return table

@@ -41,13 +41,14 @@ def dataset_order(sentences: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def reconstruct(model, sentences: Sequence[np.ndarray], special_ids: Sequence[int], *,
-                protocols: Sequence[str] = PROTOCOLS, batch_size: int = 32
+                protocols: Sequence[str] = PROTOCOLS, batch_size: int = 32,
+                progress: bool = False
                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, list[np.ndarray]]]:
   """Scores each protocol (and dataset_order) on `sentences`.
 
   Returns (summary: one row per method, per_cell: one row per method and cell,
   {method: hypotheses}). A protocol the model cannot run gets a row with
-  NaN scores and the reason in `note`.
+  NaN scores and the reason in `note`. `progress` shows a bar per protocol.
   """
   specials = np.asarray(list(special_ids))
   keep = [~np.isin(s, specials) for s in sentences]
@@ -58,7 +59,8 @@ def reconstruct(model, sentences: Sequence[np.ndarray], special_ids: Sequence[in
   for protocol in protocols:
     try:
       predicted = inference.predict_tokens(model, sentences, protocol=protocol,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size,
+                                           desc=protocol if progress else None)
     except ValueError as e:  # next_gene on a mixed-stream model
       notes[protocol] = str(e)
       continue
@@ -85,44 +87,113 @@ def sample_cells(n_total: int, n: int, seed: int) -> np.ndarray:
   return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
 
 
-def plot_ranks(references, hypotheses: dict[str, list[np.ndarray]], path) -> None:
-  """Input rank vs predicted rank (first occurrence) per method: a 2-D histogram panel each."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  methods = list(hypotheses)
-  fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), squeeze=False)
-  for ax, method in zip(axes[0], methods):
-    xs, ys = [], []
-    for ref, hyp in zip(references, hypotheses[method]):
-      first = {}
-      for pos, tok in enumerate(hyp.tolist()):
-        first.setdefault(tok, pos)
-      xs.extend(range(len(ref)))
-      ys.extend(first.get(tok, len(hyp)) for tok in ref.tolist())
-    ax.hist2d(xs, ys, bins=40, cmap="viridis")
-    ax.set_title(method)
-    ax.set_xlabel("input rank")
-    ax.set_ylabel("predicted rank (missing = length)")
-  fig.tight_layout()
-  try:
-    with atomic_path(path) as tmp:
-      fig.savefig(tmp, dpi=110)
-  finally:
-    plt.close(fig)
+# Panel titles in plain words: what each method is, for a reader who has not read the paper.
+TITLES = {"same_position": "original protocol\n(the model sees each gene it predicts)",
+          "next_gene": "leak-free\n(each gene predicted from the others)",
+          "dataset_order": "no model\n(one gene order for every cell)"}
+
+
+def _ranks(references, hypotheses) -> tuple[np.ndarray, np.ndarray]:
+  """(input ranks, predicted ranks) over all genes of all cells; predicted -1 = missing.
+
+  The predicted rank of a gene is the position of its first occurrence in the hypothesis.
+  """
+  xs, ys = [], []
+  for ref, hyp in zip(references, hypotheses):
+    first = {}
+    for pos, tok in enumerate(np.asarray(hyp).tolist()):
+      first.setdefault(tok, pos)
+    xs.extend(range(len(ref)))
+    ys.extend(first.get(tok, -1) for tok in np.asarray(ref).tolist())
+  return np.asarray(xs, np.int64), np.asarray(ys, np.int64)
+
+
+def rank_figure(references, hypotheses: dict[str, list[np.ndarray]],
+                summary: pd.DataFrame | None = None):
+  """Input rank vs predicted rank, a column per method; returns the matplotlib Figure.
+
+  Top row: a 2-D histogram of the genes the prediction contains (log colour scale, one
+  colour bar for all panels: a perfect reconstruction is the diagonal). Bottom row: the
+  share of genes at each input rank that the prediction leaves out. They get a row of
+  their own because, drawn at a made-up "missing" rank, they outnumber the found genes
+  and swamp the colour scale.
+
+  Args:
+    references: per cell, (L_i,) input gene tokens (S_in).
+    hypotheses: {method: per cell, (L_i,) predicted tokens}.
+    summary: `reconstruct`'s summary; when given, titles carry each method's Spearman.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.colors import LogNorm  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  # The table's order (protocols, then the baseline), whatever order the dict has.
+  order = [*PROTOCOLS, "dataset_order"]
+  methods = sorted(hypotheses, key=lambda m: order.index(m) if m in order else len(order))
+  longest = max((len(r) for r in references), default=1)
+  width = -(-longest // 40)  # whole ranks per bin: fractional bins stripe the diagonal
+  edges = np.arange(0, longest + width, width)
+  ranks = {m: _ranks(references, hypotheses[m]) for m in methods}
+  hists = {m: np.histogram2d(x[y >= 0], y[y >= 0], bins=[edges, edges])[0]
+           for m, (x, y) in ranks.items()}
+  top = max((h.max() for h in hists.values()), default=1)
+  norm = LogNorm(vmin=1, vmax=max(top, 2))
+  fig = Figure(figsize=(4.2 * len(methods) + 1.2, 5.6), layout="constrained")
+  FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+  axes = fig.subplots(2, len(methods), squeeze=False, sharex=True,
+                      gridspec_kw={"height_ratios": [4, 1.3]})
+  image = None
+  for c, method in enumerate(methods):
+    ax, low = axes[0, c], axes[1, c]
+    counts = np.where(hists[method] > 0, hists[method], np.nan)  # empty bins stay white
+    image = ax.pcolormesh(edges, edges, counts.T, norm=norm, cmap="viridis")
+    ax.plot([0, edges[-1]], [0, edges[-1]], color="0.6", lw=0.8, ls="--")
+    title = TITLES.get(method, method)
+    if summary is not None and method in summary.index and "spearman" in summary.columns:
+      title += f"\nSpearman {summary.loc[method, 'spearman']:.2f}"
+    ax.set(title=title, xlim=(0, edges[-1]), ylim=(0, edges[-1]), aspect="equal")
+    ax.set_ylabel("rank in the prediction" if c == 0 else "")
+    x, y = ranks[method]
+    missing = np.histogram(x[y < 0], edges)[0] / np.maximum(np.histogram(x, edges)[0], 1)
+    low.bar(edges[:-1], 100 * missing, width=np.diff(edges), align="edge", color="tab:red")
+    low.set(ylim=(0, 100), xlabel="rank in the cell (input)")
+    low.set_ylabel("missing from\nprediction (%)" if c == 0 else "")
+  fig.colorbar(image, ax=axes[0, :].tolist(), label="genes in the square (all cells)",
+               shrink=0.9)
+  return fig
+
+
+def plot_ranks(references, hypotheses: dict[str, list[np.ndarray]], path,
+               summary: pd.DataFrame | None = None) -> None:
+  """Writes `rank_figure` as a PNG, atomically."""
+  fig = rank_figure(references, hypotheses, summary)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
+
+
+OUTPUTS = ("reconstruction.csv", "reconstruction.json", "reconstruction_cells.csv",
+           "reconstruction.png")
+
+
+def output_files(out_dir) -> list[Path]:
+  """The files write_outputs writes into out_dir."""
+  return [Path(out_dir) / name for name in OUTPUTS]
 
 
 def write_outputs(summary: pd.DataFrame, per_cell: pd.DataFrame, out_dir, references,
-                  hypotheses) -> None:
-  """reconstruction.csv / .json (one row per method), reconstruction_cells.csv, reconstruction.png."""
+                  hypotheses) -> list[Path]:
+  """reconstruction.csv / .json (one row per method), reconstruction_cells.csv, reconstruction.png.
+
+  Returns the paths written (`output_files`).
+  """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  for name, frame, index in (("reconstruction.csv", summary, True),
-                             ("reconstruction_cells.csv", per_cell, False)):
-    with atomic_path(out_dir / name) as tmp:
+  csv, json_file, cells_csv, png = output_files(out_dir)
+  for path, frame, index in ((csv, summary, True), (cells_csv, per_cell, False)):
+    with atomic_path(path) as tmp:
       frame.to_csv(tmp, index=index)
   records = {m: {k: (None if isinstance(v, float) and np.isnan(v) else v)
                  for k, v in row.items()} for m, row in summary.iterrows()}
-  jsonio.write_json_atomic(out_dir / "reconstruction.json", records,
+  jsonio.write_json_atomic(json_file, records,
                            default=lambda v: v.item() if hasattr(v, "item") else str(v))
-  plot_ranks(references, hypotheses, out_dir / "reconstruction.png")
+  plot_ranks(references, hypotheses, png, summary)
+  return [csv, json_file, cells_csv, png]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import scipy.stats
-from nltk.translate.bleu_score import sentence_bleu
+from nltk.translate.bleu_score import modified_precision, sentence_bleu
 from rapidfuzz.distance import Levenshtein
 
 # BLEU orders reported per cell, as in the original (1- to 4-gram).
@@ -56,18 +56,26 @@ def levenshtein(reference, hypothesis) -> int:
 
 
 def normalized_levenshtein(reference, hypothesis) -> float:
-  """Paper's NLD = 1 - LD / max(L_in, L_out): 1 if identical, 0 if nothing shared.
+  """Normalized edit distance LD / max(L_in, L_out): 0 if identical, 1 if nothing matches.
+
+  A distance, as its name (`nl_dist`) says: lower is better. The paper's "NLD" column
+  is the similarity 1 - nl_dist (higher is better).
 
   Args:
     reference: (L_in,) tokens; must not be empty (so the max is > 0).
     hypothesis: (L_out,) tokens.
   """
   ld = levenshtein(reference, hypothesis)
-  return 1.0 - ld / max(len(reference), len(hypothesis))
+  return ld / max(len(reference), len(hypothesis))
 
 
 def _bleu_many(reference, hypothesis, orders: Sequence[int]) -> list[float]:
-  """Cumulative BLEU-n for each n in `orders`, from one nltk call."""
+  """Cumulative BLEU-n for each n in `orders`, from one nltk call; exactly 0 without a match.
+
+  Unsmoothed BLEU is a geometric mean of the n-gram precisions, so it is 0 when one of
+  them is 0. nltk instead puts sys.float_info.min in place of a zero precision and
+  returns values like 1e-104, which read as a bug; those are set to 0 here.
+  """
   ref = _tokens(reference, "reference", allow_empty=False)
   hyp = _tokens(hypothesis, "hypothesis")
   weights = [(1.0 / n,) * n for n in orders]
@@ -75,8 +83,12 @@ def _bleu_many(reference, hypothesis, orders: Sequence[int]) -> list[float]:
     # Unsmoothed nltk warns on every zero n-gram precision: noise per cell.
     warnings.simplefilter("ignore", UserWarning)
     scores = sentence_bleu([ref], hyp, weights=weights)
+  # The first order k with no clipped k-gram match: every BLEU-n with n >= k is 0.
+  no_match = next((k for k in range(1, max(orders) + 1)
+                   if modified_precision([ref], hyp, k).numerator == 0), None)
   # nltk returns a bare float (not a list) when given a single weight tuple.
-  return [float(s) for s in np.atleast_1d(scores)]
+  return [0.0 if no_match is not None and n >= no_match else float(score)
+          for n, score in zip(orders, np.atleast_1d(scores))]
 
 
 def bleu(reference, hypothesis, max_n: int = 4) -> float:
@@ -84,10 +96,10 @@ def bleu(reference, hypothesis, max_n: int = 4) -> float:
 
   nltk `sentence_bleu` with uniform weights 1/max_n over 1..max_n-grams,
   clipped n-gram precisions p_n, brevity penalty BP = exp(1 - L_in / L_out)
-  when L_out < L_in (else 1), and NO smoothing. Without smoothing nltk
-  replaces a zero p_n by sys.float_info.min, so a hypothesis with no matching
-  n-gram of some order scores about 1e-77 (effectively 0) rather than exactly
-  0; no unigram match (or an empty hypothesis) gives exactly 0.
+  when L_out < L_in (else 1), and NO smoothing (as the paper and the
+  original). A hypothesis with no matching n-gram of some order k <= max_n
+  therefore scores exactly 0 (nltk alone would give ~1e-77 or less there, as
+  it replaces a zero p_k by sys.float_info.min); so does an empty hypothesis.
 
   Args:
     reference: (L_in,) tokens (ints or strings); must not be empty.
@@ -153,8 +165,9 @@ def sequence_metrics(references: Sequence[np.ndarray],
     hypotheses: N sequences, each (L_out_i,) tokens of the matching S_out.
 
   Returns:
-    DataFrame with N rows and columns l_dist (int), nl_dist, bleu1..bleu4,
-    spearman (may be nan, see `rank_spearman`), exact_match, length (L_in_i).
+    DataFrame with N rows and columns l_dist (int), nl_dist (l_dist / max(L_in,
+    L_out), a distance in [0, 1]: lower is better), bleu1..bleu4, spearman (may be
+    nan, see `rank_spearman`), exact_match, length (L_in_i).
 
   Raises:
     ValueError: the lists differ in length, or a reference is empty (the
@@ -169,7 +182,7 @@ def sequence_metrics(references: Sequence[np.ndarray],
       ld = levenshtein(ref, hyp)
       rows.append({
           "l_dist": ld,
-          "nl_dist": 1.0 - ld / max(len(ref), len(hyp)),
+          "nl_dist": ld / max(len(ref), len(hyp)),
           **bleu_n(ref, hyp),
           "spearman": rank_spearman(ref, hyp),
           "exact_match": exact_match(ref, hyp),
