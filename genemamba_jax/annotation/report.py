@@ -55,30 +55,56 @@ def write_metrics(metrics: dict, path: str | os.PathLike) -> None:
   jsonio.write_json_atomic(path, metrics)
 
 
-def plot_confusion(true: np.ndarray, pred: np.ndarray, classes: list[str], path, title: str):
-  """Row-normalized confusion matrix (recall per true class) with counts, as a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# Rows with fewer test cells than this are drawn faded: one cell makes a row 100% (the
+# darkest colour) whether the class is easy or not.
+FEW_CELLS = 5
+
+
+def confusion_figure(true: np.ndarray, pred: np.ndarray, classes: list[str], title: str):
+  """Row-normalized confusion matrix (recall per true class) with counts; returns the Figure.
+
+  Colour = fraction of the true class predicted as each class; the number in a square
+  is its cell count; each row label carries the class's support (n cells). Rows with
+  fewer than FEW_CELLS cells are faded, and the figure says so.
+
+  Args:
+    true, pred: [cells] class indices.
+    classes: class names, by index.
+    title: the figure title (e.g. the split and its scores).
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   counts = skm.confusion_matrix(true, pred, labels=list(range(len(classes))))
-  fraction = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  support = counts.sum(axis=1)
+  fraction = counts / np.maximum(support[:, None], 1)
   size = max(4.0, 0.55 * len(classes) + 2.5)
-  fig, ax = plt.subplots(figsize=(size + 1, size))
-  image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
+  fig = Figure(figsize=(size + 2, size + 0.4), layout="constrained")
+  FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+  ax = fig.subplots()
+  few = (support > 0) & (support < FEW_CELLS)
+  alpha = np.where(few[:, None], 0.35, 1.0) * np.ones_like(fraction)
+  image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1, alpha=alpha)
   ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-  ax.set_yticks(range(len(classes)), classes, fontsize=8)
+  ax.set_yticks(range(len(classes)), [f"{c} (n={n})" for c, n in zip(classes, support)],
+                fontsize=8)
   for i in range(len(classes)):
     for j in range(len(classes)):
       if counts[i, j]:
+        dark = fraction[i, j] > 0.5 and not few[i]
         ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
-                color="white" if fraction[i, j] > 0.5 else "black")
+                color="white" if dark else "black")
   ax.set_xlabel("predicted")
-  ax.set_ylabel("true")
+  ax.set_ylabel("true (n = cells of the class)")
   ax.set_title(title)
   fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-  fig.tight_layout()
-  try:
-    with atomic_path(path) as tmp:
-      fig.savefig(tmp, dpi=120)
-  finally:
-    plt.close(fig)
+  if few.any():
+    fig.text(0.01, 0.005, f"faded rows: fewer than {FEW_CELLS} cells, their fractions say "
+             "little", fontsize=7, color="0.3", ha="left", va="bottom")
+  return fig
+
+
+def plot_confusion(true: np.ndarray, pred: np.ndarray, classes: list[str], path, title: str):
+  """Writes `confusion_figure` as a PNG, atomically."""
+  fig = confusion_figure(true, pred, classes, title)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=120)
