@@ -47,13 +47,25 @@ def pbmc68k_counts():
   return anndata.AnnData(counts, obs=obs, var=var)
 
 
-def prepare_demo(out_dir: str | os.PathLike) -> dict[str, Path]:
-  """Writes (once) the demo counts, vocabulary and tokens under `out_dir`; returns their paths."""
+def prepare_demo(out_dir: str | os.PathLike, announce: bool = True) -> dict[str, Path]:
+  """Writes (once) the demo counts, vocabulary and tokens under `out_dir`; returns their paths.
+
+  With `announce`, first prints on stderr where the data set is (the training demo keeps
+  it in a cache folder a user would not otherwise know of) and whether it is made now.
+  """
+  from genemamba_jax import progress
   from genemamba_jax.data import medians, records, tokenize_corpus
   from genemamba_jax.data import vocab as vocab_lib
   from genemamba_jax.data.tokenizer import TokenizeConfig
   out = Path(out_dir)
   paths = {"counts": out / "pbmc68k_counts.h5ad", "vocab": out / "vocab", "tokens": out / "tokens"}
+  if announce:
+    if (paths["tokens"] / records.MANIFEST_NAME).exists():
+      progress.status(f"demo data: {out.resolve()} (prepared earlier; delete the folder to "
+                      "rebuild it)")
+    else:
+      progress.status(f"demo data: preparing scanpy's pbmc68k_reduced in {out.resolve()} "
+                      "(once; later runs reuse it)")
   out.mkdir(parents=True, exist_ok=True)
   if not paths["counts"].exists():
     with atomic_path(paths["counts"]) as tmp:
