@@ -101,7 +101,9 @@ def load_pytorch(directory: str | os.PathLike, *, median_dictionary: str | None,
                     "fine-tuned)")
 
   tokens = read_vocab(directory, token_dictionary)
-  if rows == len(tokens) + 1 and "[CLS]" not in tokens:  # fine-tuned; the tokenizer file predates [CLS]
+  # Fine-tuned (one row more than config.json's vocab_size) with a tokenizer file that predates
+  # [CLS]. Only then: a file that lacks one token must not pass for it.
+  if rows == raw["vocab_size"] + 1 == len(tokens) + 1 and "[CLS]" not in tokens:
     tokens["[CLS]"] = len(tokens)
   vocab, renamed = our_vocab(tokens, str(directory / TOKENIZER_FILE))
   if len(vocab) != rows:

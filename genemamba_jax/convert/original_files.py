@@ -209,7 +209,9 @@ def classifier_tensors(head: Mapping, task: Mapping) -> dict[str, np.ndarray] | 
     i += 4
   out[f"layers.{i}.weight"] = np.asarray(head["out"]["kernel"]).T
   out[f"layers.{i}.bias"] = np.asarray(head["out"]["bias"])
-  return {k: np.ascontiguousarray(v, np.int64 if v.dtype == np.int64 else np.float32)
+  # np.array, not np.ascontiguousarray: that makes the 0-d num_batches_tracked [1], which the
+  # original's strict load refuses.
+  return {k: np.array(v, np.int64 if v.dtype == np.int64 else np.float32, order="C")
           for k, v in out.items()}
 
 
