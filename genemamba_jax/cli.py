@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import errno
 import importlib.util
 import inspect
 import re
@@ -62,6 +63,15 @@ def guarded(fn: Callable[[], Sequence[str] | None],
   except (DataError, *errors) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     return 2
+  except OSError as e:
+    if _disk_full(e) is None:
+      raise
+    full = _disk_full(e)
+    where = f"{full.filename}: " if full.filename else ""
+    print(f"error: {where}no space left to write ({full.strerror}); free some space and re-run "
+          "the same command (what was finished is kept, nothing half-written is)",
+          file=sys.stderr, flush=True)
+    return 2
   except KeyboardInterrupt as e:
     what = str(e) or "nothing half-written is kept; re-run the command to do it again"
     print(f"\ninterrupted: {what}", file=sys.stderr, flush=True)
@@ -69,6 +79,15 @@ def guarded(fn: Callable[[], Sequence[str] | None],
   if lines:
     print("\n".join(lines), flush=True)
   return 0
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+  """The out-of-space OSError (ENOSPC, EDQUOT, or EFBIG: a file-size limit) in the chain."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
 
 # --- config files ------------------------------------------------------------------------------

@@ -27,9 +27,10 @@ from genemamba_jax.annotation import config as config_lib
 from genemamba_jax.annotation import report
 from genemamba_jax.annotation import splits as splits_lib
 from genemamba_jax.annotation.head import CellTypeClassifier, ClassifierHead
-from genemamba_jax.atomic import atomic_path
+from genemamba_jax.atomic import atomic_dir, atomic_path
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import vocab as vocab_lib
+from genemamba_jax.data import errors
 from genemamba_jax.data.errors import DataError
 from genemamba_jax.data.readers import AnnDataSource
 from genemamba_jax.train.checkpoint import Checkpointer
@@ -37,12 +38,34 @@ from genemamba_jax.train.checkpoint import Checkpointer
 PREDICTION_COLUMNS = ("genemamba_prediction", "genemamba_confidence", "genemamba_split")
 
 
+# How error messages name the settings inside `finetune` (its flags are config keys).
+OPTION_NAMES = {"layer": "--config.data.layer", "gene_column": "--config.data.gene_column",
+                "gene_map": "--config.data.gene_map", "max_len": "--config.data.max_len"}
+
+
 def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Fine-tunes as `c` says (see annotation/config.py); returns metrics {split: scores}."""
+  """Fine-tunes as `c` says (see annotation/config.py); returns metrics {split: scores}.
+
+  The workdir appears complete or not at all: everything is written to a hidden
+  sibling and renamed at the end, so a failed, interrupted or killed run leaves
+  nothing a re-run trips over. A workdir that already holds a fine-tuned run is refused.
+  """
   config_lib.check(c)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  if (workdir / "metrics.json").exists() or (workdir / pretrained_lib.CHECKPOINTS).exists():
+    raise DataError(f"{workdir}: already holds a fine-tuned run; choose a new --workdir or "
+                    "remove it")
+  with errors.option_names(**OPTION_NAMES):
+    try:
+      with atomic_dir(workdir) as tmp:
+        return _finetune(c, tmp)
+    except FileExistsError:
+      raise DataError(f"{workdir}: exists and is not empty; choose a new --workdir or remove "
+                      "it") from None
 
+
+def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
+  """`finetune`, writing into `workdir` (the hidden sibling)."""
   # --- the pretrained backbone, with a trained-looking <cls>
   base = pretrained_lib.load_pretrained(c.init_checkpoint)
   # <cls> first, as the original fine-tunes.
@@ -160,6 +183,8 @@ def load_classifier(path: str | os.PathLike) -> tuple[CellTypeClassifier, pretra
 
 
 def _read(path: str) -> anndata.AnnData:
+  if not Path(path).exists():
+    raise DataError(f"{path}: no such file; set --config.data.input to your .h5ad file")
   if not Path(path).is_file() or Path(path).suffix != ".h5ad":
     raise DataError(f"{path}: not an .h5ad file; set --config.data.input to one")
   try:

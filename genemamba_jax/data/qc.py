@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.data.errors import DataError, option
 from genemamba_jax.data.readers import CellChunk, CountSource
 
 TARGET_SUM = 10_000.0
@@ -117,7 +117,8 @@ def check_counts(chunk: CellChunk, source: CountSource) -> None:
   fractional = data != np.rint(data)
   if np.any(fractional):
     layers = getattr(source, "layers", [])
-    hint = (f"use --layer with one that holds raw counts (this file has: {', '.join(layers)})"
+    hint = (f"use {option('layer')} with one that holds raw counts (this file has: "
+            f"{', '.join(layers)})"
             if layers else "give the raw count matrix (this file has no other layer or raw)")
     raise DataError(f"{where} holds non-integer values ({_locate(chunk, source, fractional)}): "
                     f"it looks normalized or log-transformed, but tokenization needs raw counts; {hint}")
@@ -126,8 +127,8 @@ def check_counts(chunk: CellChunk, source: CountSource) -> None:
 def _locate(chunk: CellChunk, source: CountSource, bad: np.ndarray) -> str:
   k = int(np.flatnonzero(bad)[0])
   row = int(np.searchsorted(chunk.counts.indptr, k, side="right") - 1)
-  return (f"e.g. {chunk.counts.data[k]:g} for cell {chunk.obs_names[row]!r}, "
-          f"gene {source.gene_ids[chunk.counts.indices[k]]!r}")
+  return (f"e.g. {chunk.counts.data[k]:g} for cell {str(chunk.obs_names[row])!r}, "
+          f"gene {str(source.gene_ids[chunk.counts.indices[k]])!r}")
 
 
 def obs_columns_to_read(source: CountSource, config: QCConfig, columns: Sequence[str] = ()

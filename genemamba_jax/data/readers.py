@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.data.errors import DataError, option
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def _gene_ids_from_var(var: pd.DataFrame, gene_column: str | None, where: str) -
   if gene_column not in var.columns:
     raise DataError(
         f"{where}: var has no column {gene_column!r}; columns there are: {_list(var.columns)} "
-        "(omit --gene-column to use the var index)")
+        f"(omit {option('gene_column')} to use the var index)")
   return np.asarray(var[gene_column].astype(str))
 
 
@@ -271,7 +271,8 @@ def open_source(path: str | os.PathLike, layer: str | None = None, gene_column: 
     raise DataError(f"{p}: no such file or directory")
   if p.is_dir() or p.suffix == ".h5":
     if layer is not None:
-      raise DataError(f"{p}: --layer applies to .h5ad files; a 10x output has only its counts")
+      raise DataError(f"{p}: {option('layer')} applies to .h5ad files; a 10x output has only "
+                      "its counts")
     return TenXSource(p, gene_column=gene_column)
   if p.suffix != ".h5ad":
     raise DataError(f"{p}: unsupported input; give .h5ad files, 10x .h5 files, 10x matrix "

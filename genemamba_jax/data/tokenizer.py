@@ -24,7 +24,7 @@ from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
 from genemamba_jax.data import ranking
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.data.errors import DataError, option
 from genemamba_jax.data.readers import AnnDataSource, CellChunk, CountSource
 
 
@@ -42,8 +42,9 @@ class TokenizeConfig:
   def __post_init__(self):
     specials = int(self.cls) + int(self.eos)
     if self.max_len <= specials:
-      raise DataError(f"--max-len {self.max_len} leaves no room for genes after {specials} "
-                      "special token(s); use a larger --max-len (2048 or 4096 in the paper)")
+      raise DataError(f"{option('max_len')} {self.max_len} leaves no room for genes after "
+                      f"{specials} special token(s); use a larger {option('max_len')} (2048 or "
+                      "4096 in the paper)")
     if self.min_genes < 0 or self.chunk_size < 1:
       raise DataError("--min-genes must be >= 0 and the chunk size >= 1")
 
@@ -117,7 +118,8 @@ class CellTokenizer:
       raise DataError(
           f"{source.path}: none of its {len(ids)} gene ids (e.g. {', '.join(map(str, source.gene_ids[:3]))}) "
           f"is in the vocabulary (e.g. {', '.join(list(self.targets)[:3])}); pick the var column that "
-          "holds matching ids with --gene-column, or map symbols to Ensembl ids with --gene-map")
+          f"holds matching ids with {option('gene_column')}, or map symbols to Ensembl ids with "
+          f"{option('gene_map')}")
     return mapper
 
   def tokenize_source(self, source: CountSource, start: int = 0, stop: int | None = None,
