@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genemamba_jax import inference
+from genemamba_jax import cli, inference
 from genemamba_jax import pretrained as pretrained_lib
 from genemamba_jax.atomic import atomic_path
 from genemamba_jax.data import genes as genes_lib
@@ -137,7 +137,32 @@ def write_genes(result: EmbedResult, path: str | os.PathLike) -> None:
     np.savez(tmp, **arrays)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(args: argparse.Namespace) -> list[str]:
+  if args.batch_size < 1:
+    raise DataError(f"--batch-size {args.batch_size} must be >= 1")
+  suffix = Path(args.output).suffix
+  if suffix not in (".h5ad", ".npy", ".npz"):
+    raise DataError(f"--output {args.output}: name it .h5ad, .npy or .npz")
+  if suffix == ".h5ad" and Path(args.input).suffix != ".h5ad":
+    raise DataError(f"--output {args.output}: an .h5ad output copies the input, which must be "
+                    f".h5ad too; write .npy or .npz for {args.input}")
+  model = pretrained_lib.load_pretrained(args.checkpoint)
+  poolings = (("cls", "mean") if args.pooling == "both"
+              else (args.pooling or default_pooling(model),))
+  source = open_source(args.input, args.layer, args.gene_column)
+  result = embed_source(
+      model, source, poolings=poolings, batch_size=args.batch_size, max_len=args.max_len,
+      gene_context=args.genes_output is not None,
+      gene_map=genes_lib.load_gene_map(args.gene_map) if args.gene_map else None)
+  write_output(result, args.output, args.input, f"checkpoint {model.checkpoint.step_dir}")
+  if args.genes_output:
+    write_genes(result, args.genes_output)
+  shape = result.cells[poolings[0]].shape
+  return [f"wrote {shape[0]} cells x {shape[1]} ({', '.join(poolings)} pooling) to {args.output}"
+          + (f"; gene embeddings to {args.genes_output}" if args.genes_output else "")]
+
+
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m genemamba_jax.embed", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True,
@@ -146,42 +171,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--output", required=True, help="OUT.h5ad, OUT.npy or OUT.npz")
   parser.add_argument("--pooling", choices=("cls", "mean", "both"), default=None,
                       help="cell representation (default: cls if the model knows <cls>, else mean)")
-  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--batch-size", type=int, default=64,
+                      help="cells per forward pass (default 64); results do not depend on it")
   parser.add_argument("--max-len", type=int, default=None,
                       help="tokens per cell (default: the training length)")
-  parser.add_argument("--gene-column", default=None, help="var column with the gene ids")
-  parser.add_argument("--gene-map", default=None, help="symbol -> vocabulary id table (pkl/TSV)")
-  parser.add_argument("--layer", default=None, help="counts from this layer (or 'raw')")
+  parser.add_argument("--gene-column", default=None,
+                      help="var column with the gene ids (default: the var index)")
+  parser.add_argument("--gene-map", default=None,
+                      help="symbol -> vocabulary id table (pkl/TSV), e.g. Geneformer's "
+                           "gene_name_id_dict.pkl when the input has symbols and the vocabulary "
+                           "Ensembl ids")
+  parser.add_argument("--layer", default=None,
+                      help="counts from this layer, or 'raw' for .raw.X (default: X)")
   parser.add_argument("--genes-output", default=None,
                       help="also write gene embeddings (input table and context means) to this .npz")
-  args = parser.parse_args(argv)
-  try:
-    if args.batch_size < 1:
-      raise DataError(f"--batch-size {args.batch_size} must be >= 1")
-    suffix = Path(args.output).suffix
-    if suffix not in (".h5ad", ".npy", ".npz"):
-      raise DataError(f"--output {args.output}: name it .h5ad, .npy or .npz")
-    if suffix == ".h5ad" and Path(args.input).suffix != ".h5ad":
-      raise DataError(f"--output {args.output}: an .h5ad output copies the input, which must be "
-                      f".h5ad too; write .npy or .npz for {args.input}")
-    model = pretrained_lib.load_pretrained(args.checkpoint)
-    poolings = (("cls", "mean") if args.pooling == "both"
-                else (args.pooling or default_pooling(model),))
-    source = open_source(args.input, args.layer, args.gene_column)
-    result = embed_source(
-        model, source, poolings=poolings, batch_size=args.batch_size, max_len=args.max_len,
-        gene_context=args.genes_output is not None,
-        gene_map=genes_lib.load_gene_map(args.gene_map) if args.gene_map else None)
-    write_output(result, args.output, args.input, f"checkpoint {model.checkpoint.step_dir}")
-    if args.genes_output:
-      write_genes(result, args.genes_output)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  shape = result.cells[poolings[0]].shape
-  print(f"wrote {shape[0]} cells x {shape[1]} ({', '.join(poolings)} pooling) to {args.output}"
-        + (f"; gene embeddings to {args.genes_output}" if args.genes_output else ""))
-  return 0
+  parser.set_defaults(run=_run)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(build_parser(), argv)
 
 
 if __name__ == "__main__":

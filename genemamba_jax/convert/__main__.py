@@ -7,8 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genemamba_jax import convert
-from genemamba_jax.data.errors import DataError
+from genemamba_jax import cli, convert
 from genemamba_jax.model.config import COMBINES
 
 
@@ -80,14 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    lines = args.run(args)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print("\n".join(lines))
-  return 0
+  return cli.run(build_parser(), argv)
 
 
 if __name__ == "__main__":
