@@ -180,7 +180,7 @@ def test_torch_layouts():
       "in_proj.weight": (2 * di, d), "conv1d.weight": (di, 1, k), "conv1d.bias": (di,),
       "x_proj.weight": (r + 2 * n, di), "dt_proj.weight": (di, r), "dt_proj.bias": (di,),
       "A_log": (di, n), "D": (di,), "out_proj.weight": (d, di)}
-  # FINDINGS.md: the original GeneMamba layer at d = 512.
+  # The original GeneMamba's layer at d = 512 (its state-dict shapes).
   sd2 = mixer_state_dict(Mamba2Mixer(GeneMambaConfig(), rngs=nnx.Rngs(0)))
   assert {k_: v.shape for k_, v in sd2.items()} == {
       "in_proj.weight": (2192, 512), "conv1d.weight": (1152, 1, 4), "conv1d.bias": (1152,),

@@ -30,7 +30,7 @@ def test_count_params_matches_paper_table5(layers, d, exact, millions):
 
 def test_count_params_of_the_original_layer_and_equals_allocated():
   base = GeneMambaConfig(n_layers=1)
-  # FINDINGS.md: one Mamba-2 layer at d=512 has 1,653,424 parameters.
+  # One Mamba-2 layer at d=512 has 1,653,424 parameters (the original's layer).
   assert count_params(base.replace(n_layers=2)) - count_params(base) == 1_653_424
   small = GeneMambaConfig(vocab_size=50, d_model=32, n_layers=3, mixer="mamba1", combine="gate")
   model = GeneMamba(small, rngs=nnx.Rngs(0))

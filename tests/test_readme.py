@@ -1,11 +1,42 @@
-"""The README documents what the commands write."""
+"""The README: its examples run as written (those that can run here), and it documents what the
+commands write."""
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+import pytest
 
+from genemamba_jax.data import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def code_block(after_heading: str, language: str = "python") -> str:
+  """The first ```language block after the heading line `after_heading`."""
+  start = README.index(after_heading)
+  match = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).search(README, start)
+  return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def demo_tokens(tmp_path_factory) -> Path:
+  return demo.prepare_demo(tmp_path_factory.mktemp("demo"), announce=False)["tokens"]
+
+
+@pytest.mark.slow
+def test_data_pipeline_snippet_runs_as_a_script_with_workers(tmp_path, demo_tokens):
+  # Grain's workers re-import the script: the README's snippet must carry the main guard.
+  (tmp_path / "tokens").symlink_to(demo_tokens, target_is_directory=True)
+  script = tmp_path / "snippet.py"
+  script.write_text(code_block("### Reading tokenized data from Python"), encoding="utf-8")
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "(32, 2048)" in result.stdout
 
 def _documented(key: str) -> bool:
   """`key` in backquotes in the README, or an instance of a documented `<...>` pattern."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from genemamba_jax.data import jsonio, safe_pickle
+from genemamba_jax.data.genes import GENEFORMER_SOURCE
 from genemamba_jax.data import vocab as vocab_lib
 from genemamba_jax.data.errors import DataError
 
@@ -31,9 +32,6 @@ ORIGINAL_TOKENIZE = {"max_len": 2048, "cls": False, "eos": False, "log1p": False
 # mamba_ssm's Mamba2(d_model, d_state=64, d_conv=4, expand=2) with its defaults.
 ORIGINAL_MIXER = dict(mixer="mamba2", d_state=64, d_conv=4, expand=2, headdim=64, ngroups=1,
                       norm_eps=1e-5, conv_bias=True, proj_bias=False)
-GENEFORMER_HINT = ("Geneformer's 30M dictionaries are in its repository, "
-                   "https://huggingface.co/ctheodoris/Geneformer, folder "
-                   "geneformer/gene_dictionaries_30m/")
 TORCH_PICKLES = (".bin", ".pt", ".pth", ".ckpt")
 CONVERT_PICKLE = ("convert it to safetensors first, where torch is installed: python -c "
                   "\"import torch, safetensors.torch as st; st.save_file(torch.load('{}', "
@@ -84,8 +82,8 @@ def read_vocab(directory: Path, token_dictionary: str | None) -> dict[str, int]:
     return tokens
   if token_dictionary is None:
     raise DataError(f"{directory}: no {TOKENIZER_FILE}; pass --token-dictionary (Geneformer's "
-                    f"token_dictionary.pkl, whose ids the original uses; {GENEFORMER_HINT})")
-  tokens = safe_pickle.load_pickle(token_dictionary)
+                    f"token_dictionary.pkl, whose ids the original uses; {GENEFORMER_SOURCE})")
+  tokens = safe_pickle.load_pickle(token_dictionary, GENEFORMER_SOURCE)
   if not isinstance(tokens, dict):
     raise DataError(f"{token_dictionary}: expected a dict of token -> id")
   return {str(t): int(i) for t, i in tokens.items()}
@@ -112,15 +110,15 @@ def read_medians(path: str | None, vocab: vocab_lib.Vocab) -> dict[str, float]:
   if not path:
     raise DataError("--median-dictionary is required: the gene medians the original's corpus "
                     "was tokenized with (Geneformer's gene_median_dictionary.pkl; "
-                    f"{GENEFORMER_HINT})")
-  medians = safe_pickle.load_pickle(path)
+                    f"{GENEFORMER_SOURCE})")
+  medians = safe_pickle.load_pickle(path, GENEFORMER_SOURCE)
   if not isinstance(medians, dict):
     raise DataError(f"{path}: expected a dict of Ensembl id -> median")
   missing = [g for g in vocab.gene_ids if g not in medians]
   if missing:
     raise DataError(f"{path}: {len(missing)} of the checkpoint's {len(vocab.gene_ids)} genes have "
                     f"no median (e.g. {missing[0]}); pass the median dictionary of the "
-                    f"vocabulary the model was trained with ({GENEFORMER_HINT})")
+                    f"vocabulary the model was trained with ({GENEFORMER_SOURCE})")
   return {g: float(medians[g]) for g in vocab.gene_ids}
 
 def head_from_classifier(path: str, d_model: int, classes: Sequence[str] | None

@@ -15,14 +15,32 @@ from genemamba_jax.data.errors import DataError
 
 _log = logging.getLogger(__name__)
 
+# Where users get each external file a command reads: said in the README and in the error when
+# the file is missing.
+GENE_TABLE_SOURCE = ("a gene table is a tab-separated file with Ensembl id, symbol and biotype "
+                     "columns: export one from Ensembl BioMart (https://www.ensembl.org/biomart; "
+                     "Gene stable ID, Gene name, Gene type) or write the annotables R package's "
+                     "grch38 table")
+GENEFORMER_SOURCE = ("Geneformer's 30M dictionaries (gene_median_dictionary_gc30M.pkl, "
+                     "token_dictionary_gc30M.pkl, gene_name_id_dict_gc30M.pkl) are in "
+                     "https://huggingface.co/ctheodoris/Geneformer, folder "
+                     "geneformer/gene_dictionaries_30m/")
+GENE_MAP_SOURCE = ("a gene map is Geneformer's gene_name_id_dict_gc30M.pkl (" + GENEFORMER_SOURCE
+                   .split(" are in ", 1)[1] + ") or a TSV of symbol and Ensembl id, such as a 10x "
+                   "features.tsv")
+GMT_SOURCE = ("GMT gene sets come from MSigDB (https://www.gsea-msigdb.org/gsea/msigdb, e.g. the "
+              "Hallmark h.all.v7.0.symbols.gmt) or Reactome (https://reactome.org/download-data, "
+              "ReactomePathways.gmt)")
+
 # Accepted spellings of each column, canonical name first.
 _ID_COLUMNS = ("ensembl_gene_id", "ensembl_id", "gene_id", "ensembl")
 _SYMBOL_COLUMNS = ("symbol", "gene_name", "gene_symbol", "name", "gene")
 _BIOTYPE_COLUMNS = ("biotype", "gene_biotype", "gene_type")
 
 
-def _open_text(path: str | Path) -> io.TextIOBase:
-  """Opens a text file, gunzipping it when it starts with the gzip magic."""
+def _open_text(path: str | Path, source: str = "check the path") -> io.TextIOBase:
+  """Opens a text file, gunzipping it when it starts with the gzip magic; `source` says where
+  to get the file when it is missing."""
   try:
     with open(path, "rb") as f:
       gzipped = f.read(2) == b"\x1f\x8b"
@@ -30,7 +48,7 @@ def _open_text(path: str | Path) -> io.TextIOBase:
       return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     return open(path, encoding="utf-8")
   except FileNotFoundError:
-    raise DataError(f"{path}: file not found; check the path") from None
+    raise DataError(f"{path}: file not found; {source}") from None
   except OSError as e:
     raise DataError(f"{path}: cannot read the file ({e})") from None
 
@@ -51,7 +69,7 @@ def load_gene_table(path: str | Path) -> pd.DataFrame:
     DataError: the file is unreadable or a needed column is missing.
   """
   try:
-    with _open_text(path) as f:
+    with _open_text(path, GENE_TABLE_SOURCE) as f:
       table = pd.read_csv(f, sep="\t", dtype=str)
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
           EOFError, OSError) as e:
@@ -172,10 +190,12 @@ def load_gene_map(path: str | Path) -> dict[str, str]:
   try:
     with open(path, "rb") as f:
       is_pickle = f.read(1) == b"\x80"  # Protocol 2+ pickles start with PROTO.
+  except FileNotFoundError:
+    raise DataError(f"{path}: file not found; {GENE_MAP_SOURCE}") from None
   except OSError as e:
     raise DataError(f"{path}: cannot read the gene map ({e})") from None
   if is_pickle or str(path).endswith((".pkl", ".pickle")):
-    gene_map = safe_pickle.load_pickle(path)
+    gene_map = safe_pickle.load_pickle(path, GENE_MAP_SOURCE)
     if not isinstance(gene_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in gene_map.items()):
       raise DataError(f"{path}: expected a pickled dict of symbol -> Ensembl "
@@ -219,7 +239,7 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
       unreadable file; the message names the line.
   """
   sets: dict[str, list[str]] = {}
-  with _open_text(path) as f:
+  with _open_text(path, GMT_SOURCE) as f:
     try:
       lines = f.read().splitlines()
     except (UnicodeDecodeError, EOFError, OSError) as e:

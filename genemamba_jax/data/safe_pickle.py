@@ -128,8 +128,9 @@ def _to_plain(value: Any, path: str) -> Any:
       f"{type(value).__name__}, which is not plain data: {_REFUSAL}")
 
 
-def load_pickle(path: str | Path) -> Any:
-  """Loads a pickle that may contain only plain data and numpy scalars.
+def load_pickle(path: str | Path, source: str = "check the path") -> Any:
+  """Loads a pickle that may contain only plain data and numpy scalars; `source` says where to
+  get the file when it is missing.
 
   Args:
     path: the pickle file.
@@ -151,7 +152,7 @@ def load_pickle(path: str | Path) -> Any:
   except _Refused as e:
     raise DataError(f"{path}: {e}") from None
   except FileNotFoundError:
-    raise DataError(f"{path}: file not found; check the path") from None
+    raise DataError(f"{path}: file not found; {source}") from None
   except OSError as e:
     raise DataError(f"{path}: cannot read the file ({e})") from None
   except RecursionError:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from genemamba_jax.data import jsonio
+from genemamba_jax.data import genes, jsonio
 from genemamba_jax.data import safe_pickle
 from genemamba_jax.data.errors import DataError
 
@@ -267,8 +267,8 @@ def import_geneformer(token_dictionary_pkl: str | Path,
   Returns:
     (vocab, medians of its genes).
   """
-  tokens = safe_pickle.load_pickle(token_dictionary_pkl)
-  medians = safe_pickle.load_pickle(median_dictionary_pkl)
+  tokens = safe_pickle.load_pickle(token_dictionary_pkl, genes.GENEFORMER_SOURCE)
+  medians = safe_pickle.load_pickle(median_dictionary_pkl, genes.GENEFORMER_SOURCE)
   for path, obj, what in ((token_dictionary_pkl, tokens, "token -> id"),
                           (median_dictionary_pkl, medians, "gene -> median")):
     if not isinstance(obj, dict) or not obj:
