@@ -105,11 +105,38 @@ def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.Pat
   settings = {"inputs": paths, "cells": sizes, "vocab": corpus.fingerprint(vocab_files),
               "tokenize": dataclasses.asdict(config), "input": dataclasses.asdict(input_config),
               "columns": dataclasses.asdict(columns), "cells_per_shard": cells_per_shard}
+  created = not out_dir.exists()
   _check_settings(out_dir, settings)
+  try:
+    return _tokenize(paths, units, sum(sizes), out_dir, vocab_dir, tokenizer, config,
+                     input_config, columns, workers, t0)
+  except BaseException:  # failed or interrupted: keep finished shards (a re-run goes on) only
+    _remove_if_nothing_finished(out_dir, created)
+    raise
+
+
+def _remove_if_nothing_finished(out_dir: Path, created: bool) -> None:
+  """Removes what a run that finished no shard wrote: its settings file, empty shards/, and
+  `out_dir` itself when the run created it (nothing is left that a re-run trips over)."""
+  shards = out_dir / records.SHARDS_DIR
+  if any(shards.glob("*.json")):
+    return
+  (out_dir / SETTINGS_FILE).unlink(missing_ok=True)
+  for tmp in shards.glob("*.tmp"):  # a shard being written when the run was stopped
+    tmp.unlink(missing_ok=True)
+  for folder in (shards, out_dir) if created else (shards,):
+    with contextlib.suppress(OSError):  # not empty: someone else's files, kept
+      folder.rmdir()
+
+
+def _tokenize(paths, units, n_cells: int, out_dir: Path, vocab_dir: str, tokenizer: CellTokenizer,
+              config: TokenizeConfig, input_config: corpus.InputConfig, columns: Columns,
+              workers: int, t0: float) -> dict:
+  """The shards (finished ones skipped) and the manifest of `tokenize_corpus`."""
   dtype = corpus.token_dtype(len(tokenizer.vocab))
   shard_stats = [None] * len(units)
   args = (paths, vocab_dir, str(out_dir), config, input_config, columns, dtype)
-  with contextlib.closing(corpus.run_units(_tokenize_unit, units, args, workers, sum(sizes),
+  with contextlib.closing(corpus.run_units(_tokenize_unit, units, args, workers, n_cells,
                                            "tokenize")) as results:
     for stats in results:
       shard_stats[stats["unit"]] = stats
