@@ -227,10 +227,10 @@ def _parser() -> argparse.ArgumentParser:
                                    description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
   common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--mixer", choices=MIXERS, default="mamba2")
-  common.add_argument("--d-model", type=_positive, default=128)
-  common.add_argument("--seq-len", type=_positive, default=512)
-  common.add_argument("--batch", type=_positive, default=8)
+  common.add_argument("--mixer", choices=MIXERS, default="mamba2", help="default mamba2")
+  common.add_argument("--d-model", type=_positive, default=128, help="hidden size (default 128)")
+  common.add_argument("--seq-len", type=_positive, default=512, help="tokens a cell (default 512)")
+  common.add_argument("--batch", type=_positive, default=8, help="cells a step (default 8)")
   common.add_argument("--vocab", type=int, default=2000, help=f"> {FIRST_GENE_ID}")
   common.add_argument("--d-state", type=_positive, default=None,
                       help="state size N (default: 16 for mamba1, 64 for mamba2)")
@@ -246,23 +246,28 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"default: the model's, {GeneMambaConfig.remat_policy!r}")
   common.add_argument("--unroll-layers", action="store_true",
                       help="unroll the loop over layers (compile time grows with depth)")
-  common.add_argument("--objective", choices=objectives.OBJECTIVES, default="next_gene")
+  common.add_argument("--objective", choices=objectives.OBJECTIVES, default="next_gene",
+                      help="the training objective (default next_gene, separate streams)")
   step = commands.add_parser("train-step", parents=[common], help="time training steps")
-  step.add_argument("--layers", type=_positive, default=4)
+  step.add_argument("--layers", type=_positive, default=4, help="BiMamba layers (default 4)")
   step.add_argument("--steps", type=_positive, default=10, help="timed steps")
   step.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   compile_ = commands.add_parser("compile-time", parents=[common],
                                  help="lower + compile seconds per depth")
-  compile_.add_argument("--layers", type=_positive, nargs="+", default=[12, 24, 48])
+  compile_.add_argument("--layers", type=_positive, nargs="+", default=[12, 24, 48],
+                        help="depths to compile (default 12 24 48)")
   embed = commands.add_parser("embed-step", help="time embed's forward pass (cells/s)")
-  embed.add_argument("--d-model", type=_positive, default=512)
-  embed.add_argument("--layers", type=_positive, default=2)
-  embed.add_argument("--seq-len", type=_positive, default=2048)
-  embed.add_argument("--batch", type=_positive, default=8)
+  embed.add_argument("--d-model", type=_positive, default=512, help="hidden size (default 512)")
+  embed.add_argument("--layers", type=_positive, default=2, help="BiMamba layers (default 2)")
+  embed.add_argument("--seq-len", type=_positive, default=2048,
+                     help="tokens a cell (default 2048)")
+  embed.add_argument("--batch", type=_positive, default=8, help="cells a forward pass (default 8)")
   embed.add_argument("--vocab", type=int, default=25_426, help=f"> {FIRST_GENE_ID}")
-  embed.add_argument("--combine", choices=COMBINES, default="mean")
+  embed.add_argument("--combine", choices=COMBINES, default="mean",
+                     help="bidirectional combination (default mean, the original's)")
   embed.add_argument("--chunk-size", type=_positive, default=64, help="SSD chunk length")
-  embed.add_argument("--backend", choices=SCAN_BACKENDS, default=None)
+  embed.add_argument("--backend", choices=SCAN_BACKENDS, default=None,
+                     help="scan backend (default: the model's, auto)")
   embed.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
   embed.add_argument("--steps", type=_positive, default=5, help="timed batches")
   embed.add_argument("--warmup", type=int, default=1, help="untimed batches after compiling")

@@ -48,24 +48,28 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
         errors: tuple[type[BaseException], ...] = ()) -> int:
   """Parses `argv` and calls `args.run(args)` under `guarded`."""
   args = parser.parse_args(argv)
-  return guarded(lambda: args.run(args), errors)
+  return guarded(lambda: args.run(args), errors, getattr(args, "on_interrupt", None))
 
 
 def guarded(fn: Callable[[], Sequence[str] | None],
-            errors: tuple[type[BaseException], ...] = ()) -> int:
+            errors: tuple[type[BaseException], ...] = (), on_interrupt: str | None = None) -> int:
   """Calls `fn`, prints the lines it returns; the one error wrapper (see the module docstring).
 
   `errors` adds exception types that mean "the run cannot go on" (reported like
-  bad input, e.g. a non-finite loss). Returns the exit status.
+  bad input, e.g. a non-finite loss); `on_interrupt` says what Ctrl-C keeps.
+  Open progress bars are closed before any message, so it starts its own line.
+  Returns the exit status.
   """
   try:
     lines = fn()
   except (DataError, *errors) as e:
+    _close_bars()
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     return 2
   except OSError as e:
     if _disk_full(e) is None:
       raise
+    _close_bars()
     full = _disk_full(e)
     where = f"{full.filename}: " if full.filename else ""
     print(f"error: {where}no space left to write ({full.strerror}); free some space and re-run "
@@ -73,12 +77,21 @@ def guarded(fn: Callable[[], Sequence[str] | None],
           file=sys.stderr, flush=True)
     return 2
   except KeyboardInterrupt as e:
-    what = str(e) or "nothing half-written is kept; re-run the command to do it again"
+    _close_bars()
+    what = (str(e) or on_interrupt
+            or "nothing half-written is kept; re-run the command to do it again")
     print(f"\ninterrupted: {what}", file=sys.stderr, flush=True)
     return INTERRUPTED
   if lines:
     print("\n".join(lines), flush=True)
   return 0
+
+
+def _close_bars() -> None:
+  """Closes progress bars an exception left open (their line ends before the message)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  for bar in list(getattr(tqdm, "_instances", ())):
+    bar.close()
 
 
 def _disk_full(error: BaseException) -> OSError | None:

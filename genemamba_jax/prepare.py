@@ -20,8 +20,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from genemamba_jax import cli
 from genemamba_jax.data import corpus
-from genemamba_jax.data.errors import DataError
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
@@ -110,58 +110,68 @@ def build_parser() -> argparse.ArgumentParser:
                                    description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("medians", help="vocabulary + per-gene non-zero medians (t-digests)")
+  p = sub.add_parser("medians", help="vocabulary + per-gene non-zero medians (t-digests)",
+                     description="A vocabulary and the non-zero median of every gene's normalized "
+                                 "expression over a corpus (t-digests, mergeable across runs).")
   _input_args(p)
-  p.add_argument("--out", required=True, metavar="VOCAB_DIR")
+  p.add_argument("--out", required=True, metavar="VOCAB_DIR",
+                 help="the vocabulary directory to write (vocab.json, medians.json, digests.json)")
   p.add_argument("--gene-table", default=None, metavar="TSV",
-                 help="gene table with ids and biotypes, to restrict the vocabulary")
+                 help="tab-separated gene table with Ensembl ids and biotypes, to restrict the "
+                      "vocabulary (e.g. an Ensembl BioMart export; see the README)")
   p.add_argument("--biotypes", default="protein_coding,miRNA",
                  help="biotypes kept with --gene-table (default protein_coding,miRNA)")
   p.set_defaults(run=_medians)
 
-  p = sub.add_parser("tokenize", help="rank-tokenize cells into ArrayRecord shards")
+  p = sub.add_parser("tokenize", help="rank-tokenize cells into ArrayRecord shards",
+                     description="Cells -> rank-token sentences (Geneformer's ranking with the "
+                                 "vocabulary's medians) in ArrayRecord shards + manifest.json; a "
+                                 "re-run skips finished shards.")
   _input_args(p)
-  p.add_argument("--vocab", required=True, metavar="VOCAB_DIR")
-  p.add_argument("--out", required=True, metavar="DIR")
+  p.add_argument("--vocab", required=True, metavar="VOCAB_DIR",
+                 help="a vocabulary directory (prepare medians / import-geneformer, or a run's "
+                      "vocab/)")
+  p.add_argument("--out", required=True, metavar="DIR", help="the tokenized directory to write")
   p.add_argument("--max-len", type=int, default=2048,
                  help="tokens per cell, special tokens included (default 2048; 4096 supported)")
   p.add_argument("--cls", action="store_true", help="put <cls> first")
   p.add_argument("--eos", action="store_true", help="put <eos> last")
   p.add_argument("--label-column", default=None, help="obs column stored as each cell's label")
   p.add_argument("--batch-column", default=None, help="obs column stored as each cell's batch")
-  p.set_defaults(run=_tokenize)
+  p.set_defaults(run=_tokenize, on_interrupt="finished shards are kept; re-run the same command "
+                                            "to continue")
 
-  p = sub.add_parser("import-geneformer", help="vocabulary from Geneformer's dictionaries")
-  p.add_argument("--token-dictionary", required=True, metavar="PKL")
-  p.add_argument("--median-dictionary", required=True, metavar="PKL")
-  p.add_argument("--out", required=True, metavar="VOCAB_DIR")
+  p = sub.add_parser("import-geneformer", help="vocabulary from Geneformer's dictionaries",
+                     description="A vocabulary directory from Geneformer's token and median "
+                                 "dictionaries (its ids kept; <cls> and <eos> appended).")
+  p.add_argument("--token-dictionary", required=True, metavar="PKL",
+                 help="Geneformer's token_dictionary_gc30M.pkl (see the README for where)")
+  p.add_argument("--median-dictionary", required=True, metavar="PKL",
+                 help="Geneformer's gene_median_dictionary_gc30M.pkl")
+  p.add_argument("--out", required=True, metavar="VOCAB_DIR",
+                 help="the vocabulary directory to write")
   p.set_defaults(run=_import_geneformer)
 
-  p = sub.add_parser("demo", help="the embedded demo: scanpy's pbmc68k_reduced -> vocab + tokens")
+  p = sub.add_parser("demo", help="the embedded demo: scanpy's pbmc68k_reduced -> vocab + tokens",
+                     description="The embedded demo data set: scanpy's bundled pbmc68k_reduced "
+                                 "(700 PBMCs) -> exact counts, medians, vocabulary and tokens.")
   p.add_argument("--out", default="runs/demo_data", metavar="DIR",
                  help="where to write (default runs/demo_data); finished parts are reused")
   p.set_defaults(run=_demo)
 
-  p = sub.add_parser("merge-medians", help="merge the digests of several `medians` outputs")
-  p.add_argument("--input", nargs="+", required=True, metavar="VOCAB_DIR")
-  p.add_argument("--out", required=True, metavar="VOCAB_DIR")
+  p = sub.add_parser("merge-medians", help="merge the digests of several `medians` outputs",
+                     description="One vocabulary from the t-digests of several `prepare medians` "
+                                 "outputs (other nodes, or new data later).")
+  p.add_argument("--input", nargs="+", required=True, metavar="VOCAB_DIR",
+                 help="vocabulary directories written by `prepare medians`")
+  p.add_argument("--out", required=True, metavar="VOCAB_DIR",
+                 help="the merged vocabulary directory to write")
   p.set_defaults(run=_merge)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    lines = args.run(args)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("interrupted: finished shards are kept; re-run the same command to continue",
-          file=sys.stderr)
-    return 130
-  print("\n".join(lines))
-  return 0
+  return cli.run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from genemamba_jax import inference
+from genemamba_jax import progress as progress_lib
 from genemamba_jax import pretrained as pretrained_lib
 from genemamba_jax.annotation import config as config_lib
 from genemamba_jax.annotation import report
@@ -112,12 +112,12 @@ def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
 
   # --- training: one padded length for every batch (one compiled shape)
   length = inference.bucket_length(max(len(s) for s in sentences), 1 << 30)
-  with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as log:
+  with (open(workdir / "metrics.jsonl", "a", encoding="utf-8") as log,
+        progress_lib.bar(num_steps, "fine-tuning", "step", counts=False) as progress):
     rng = np.random.default_rng(c.seed)
     order = np.zeros((0,), np.int64)
     model.train()
-    progress = tqdm(range(num_steps), desc="fine-tuning", unit="step")
-    for step in progress:
+    for step in range(num_steps):
       if len(order) < batch_size:  # a new epoch: reshuffle; the remainder is dropped (BatchNorm)
         order = rng.permutation(train_idx)
       rows, order = order[:batch_size], order[batch_size:]
@@ -133,7 +133,8 @@ def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
           model.train()
         log.write(json.dumps(record) + "\n")
         log.flush()
-        progress.set_postfix(loss=f"{record['loss']:.3f}")
+        progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+      progress.update(1)
 
   # --- predictions for every cell, scores and outputs
   model.eval()

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from genemamba_jax import progress
+from genemamba_jax import cli, progress
 from genemamba_jax.data.errors import DataError
 
 
@@ -125,27 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("integration", help="batch integration metrics (scib) vs PCA / Harmony")
   p.add_argument("--input", required=True, help=".h5ad with counts and the embedding in obsm")
   p.add_argument("--embedding", default="X_genemamba", help="obsm key (default X_genemamba)")
-  p.add_argument("--batch-column", required=True)
-  p.add_argument("--label-column", required=True)
-  p.add_argument("--out", required=True)
+  p.add_argument("--batch-column", required=True,
+                 help="obs column with the batch (donor, sample, technology) to integrate over")
+  p.add_argument("--label-column", required=True, help="obs column with the cell types")
+  p.add_argument("--out", required=True, help="folder for metrics.csv/.json and umap.png")
   p.add_argument("--layer", default=None, help="counts for the baselines from this layer")
-  p.add_argument("--n-pcs", type=int, default=50)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--n-pcs", type=int, default=50,
+                 help="principal components of the PCA and Harmony baselines (default 50)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of k-means, the neighbour graph and UMAP (default 0)")
   p.add_argument("--no-plots", action="store_true", help="skip the UMAP PNGs")
   p.set_defaults(run=_integration)
 
   p = sub.add_parser("reconstruction", help="gene rank reconstruction, original and leak-free")
   p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
   p.add_argument("--input", required=True, help=".h5ad / 10x input with the cells")
-  p.add_argument("--out", required=True)
+  p.add_argument("--out", required=True, help="folder for reconstruction.csv/.json and the plot")
   p.add_argument("--cells", type=int, default=100,
                  help="random cells to score (the original used 10; <= 0: all)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--seed", type=int, default=0, help="which random cells (default 0)")
+  p.add_argument("--batch-size", type=int, default=32,
+                 help="cells per forward pass (default 32); results do not depend on it")
   p.add_argument("--max-len", type=int, default=None, help="default: the training length")
-  p.add_argument("--gene-column", default=None)
-  p.add_argument("--gene-map", default=None)
-  p.add_argument("--layer", default=None)
+  p.add_argument("--gene-column", default=None,
+                 help="var column with the gene ids (default: the var index)")
+  p.add_argument("--gene-map", default=None,
+                 help="symbol -> vocabulary id table (pkl/TSV) when the input has symbols")
+  p.add_argument("--layer", default=None,
+                 help="counts from this layer, or 'raw' for .raw.X (default: X)")
   p.set_defaults(run=_reconstruction)
 
   p = sub.add_parser("gene-pairs", help="Gene2Vec pair benchmark on gene embeddings")
@@ -154,25 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--which", choices=("input", "context"), default="input",
                  help="with --genes: the input table or the context-averaged states")
   p.add_argument("--pairs", required=True, help="folder with {split}_text.txt / _label.txt")
-  p.add_argument("--split", default="test", choices=("train", "valid", "test"))
-  p.add_argument("--metric", default="cosine", choices=("cosine", "pearson"))
+  p.add_argument("--split", default="test", choices=("train", "valid", "test"),
+                 help="which pair files, {split}_text.txt / {split}_label.txt (default test)")
+  p.add_argument("--metric", default="cosine", choices=("cosine", "pearson"),
+                 help="similarity of two gene embeddings (default cosine)")
   p.add_argument("--gene-map", default=None,
                  help="symbol -> vocabulary id table when the vocabulary is not symbols")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", required=True)
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the random-embedding baseline (default 0)")
+  p.add_argument("--out", required=True, help="folder for gene_pairs.csv/.json and the plot")
   p.set_defaults(run=_gene_pairs)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    lines = args.run(args)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print("\n".join(lines))
-  return 0
+  return cli.run(build_parser(), argv)
 
 
 if __name__ == "__main__":
