@@ -326,7 +326,8 @@ def test_fine_tuned_classifier_matches_the_original_and_exports_back(tmp_path, t
   assert out.startswith("fine-tuned classifier: 2 Mamba-2 layers, d_model 64, vocabulary 25427, "
                         "combine concat, residual layers")
 
-  model, loaded = loop.load_classifier(tmp_path / "run")
+  ours_classifier = loop.load_classifier(tmp_path / "run")
+  model, loaded = ours_classifier.model, ours_classifier.run
   assert loaded.task["classes"] == kang_classes and loaded.task["head_hidden"] == [D] * 3
   assert loaded.vocab.cls_id == 25_426 and loaded.tokenize["cls"]
   cells = _kang_cells_of(loaded)  # as the run tokenizes them: [CLS] first, then 2,048 genes
@@ -421,7 +422,8 @@ def test_converted_pretrained_checkpoint_fine_tunes_and_exports(conversions, tmp
   assert _json(out / "config.json")["vocab_size"] == 25_426
   oracle = load_original_checkpoint(out, mode="mean")  # strict, with the [CLS] row
   head = load_classifier(out / "classifier.safetensors", D, len(kang_classes), D, num_layers=3)
-  model, loaded = loop.load_classifier(workdir)
+  ours_classifier = loop.load_classifier(workdir)
+  model, loaded = ours_classifier.model, ours_classifier.run
   cells = _kang_cells_of(loaded)[:4]
   assert all(cell[0] == 25_426 and len(cell) == 48 for cell in cells)
   ids, valid = _batch(cells, (48, 40, 31, 12))

@@ -99,14 +99,16 @@ def test_outputs_h5ad_png_and_a_reloadable_checkpoint(annotated, kang_pretrained
   assert out.obsm["X_genemamba"].shape == (1556, 64)
   assert list(out.obs["genemamba_split"]) == list(pred.split)
   # The saved classifier (backbone + head + BatchNorm statistics) predicts the same.
-  model, loaded = loop.load_classifier(workdir)
-  assert loaded.task["classes"] == sorted(pred.true.unique())
+  classifier = loop.load_classifier(workdir)
+  assert classifier.classes == classifier.run.task["classes"] == sorted(pred.true.unique())
   first = pred.head(64)
   from genemamba_jax import inference
   from genemamba_jax.data.readers import AnnDataSource
-  cells, _, _ = inference.tokenize_all(loaded.tokenizer(), AnnDataSource(out[:64]), desc=None)
-  predicted, _, embeddings = loop._predict(model, cells)
-  assert list(np.asarray(loaded.task["classes"])[predicted]) == list(first.pred)
+  cells, _, _ = inference.tokenize_all(classifier.run.tokenizer(), AnnDataSource(out[:64]),
+                                       desc=None)
+  labels, probabilities, embeddings = classifier.predict(cells)
+  assert list(labels) == list(first.pred)
+  np.testing.assert_allclose(probabilities.max(axis=1), first.confidence, atol=1e-5)
   np.testing.assert_allclose(embeddings, out.obsm["X_genemamba"][:64], atol=1e-5)
 
 

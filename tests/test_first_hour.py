@@ -291,3 +291,14 @@ def test_15_torch_is_not_in_the_test_extra_and_parity_tests_say_how_to_get_it(mo
   monkeypatch.setenv("CI", "true")
   with pytest.raises(pytest.fail.Exception, match="no_such_package_here"):
     require_parity("no_such_package_here")
+
+
+# --- small things ------------------------------------------------------------------------------
+
+
+def test_21_load_classifier_gives_the_classifier_back():
+  from genemamba_jax.annotation import loop  # pylint: disable=g-import-not-at-top
+  assert "Classifier" in str(loop.load_classifier.__annotations__["return"])
+  assert {"model", "classes", "run"} <= {f.name for f in
+                                         __import__("dataclasses").fields(loop.Classifier)}
+  assert callable(loop.Classifier.predict)

@@ -8,6 +8,7 @@ scores and outputs -> fine-tuned checkpoint (a run directory that `embed`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -165,8 +166,27 @@ def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
   return metrics
 
 
-def load_classifier(path: str | os.PathLike) -> tuple[CellTypeClassifier, pretrained_lib.Pretrained]:
-  """A fine-tuned run (or its checkpoint) -> (classifier in eval mode, its Pretrained)."""
+@dataclasses.dataclass
+class Classifier:
+  """A fine-tuned cell type classifier, in eval mode (`load_classifier`).
+
+  `model(tokens [B, L], mask [B, L]) -> logits [B, classes]`; `run` is the
+  loaded run directory (vocabulary, `run.tokenizer()`, task).
+  """
+  model: CellTypeClassifier
+  classes: list[str]
+  run: pretrained_lib.Pretrained
+
+  def predict(self, sentences, batch_size: int = 64
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenized cells (as `run.tokenizer()` makes them) -> (labels [cells] str, probabilities
+    [cells, classes] float32, cell embeddings [cells, d_model] float32), in input order."""
+    pred, probabilities, embeddings = _predict(self.model, sentences, batch_size)
+    return np.asarray(self.classes, dtype=object)[pred], probabilities, embeddings
+
+
+def load_classifier(path: str | os.PathLike) -> Classifier:
+  """A fine-tuned run (or one of its checkpoints) -> its `Classifier`."""
   loaded = pretrained_lib.load_pretrained(path)
   if loaded.task is None or loaded.head is None:
     raise DataError(f"{loaded.checkpoint.run_dir}: not a fine-tuned run (no task.json / head); "
@@ -180,7 +200,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[CellTypeClassifier, pretra
   nnx.update(head, state)
   model = CellTypeClassifier(loaded.model, head, task["pooling"])
   model.eval()
-  return model, loaded
+  return Classifier(model, list(task["classes"]), loaded)
 
 
 def _read(path: str) -> anndata.AnnData:
