@@ -32,7 +32,6 @@ from genemamba_jax import bench
 HEADING = "## Train step vs PyTorch peers (CPU)"
 SIZES = {"d_model": 128, "layers": 4, "seq_len": 512, "batch": 8, "vocab": 2000}
 D_STATE = {"mamba2": 64, "mamba1": 16}
-UNROLLED_DEPTHS = [4, 12]  # compile time with unroll_layers=True
 TARGETS = {"mamba2": 2.0, "mamba1": 5.0}  # the speed-up targets over the peers
 PEER = {"mamba2": "transformers Mamba2Mixer (torch path)", "mamba1": "mambapy MambaBlock"}
 # (label, time_train_step overrides) for the per-backend table.
@@ -75,8 +74,6 @@ def run(steps: int, peer_steps: int, backends: bool, compile_layers: list[int]) 
   out = {"head": {}, "backends": {}, "compile": {}, "load": [os.getloadavg()[0]]}
   for mixer in ("mamba2", "mamba1"):
     row = {"ours": ours(mixer, steps),
-           # Unrolled layers copy nothing into stacked buffers: remat only costs time there.
-           "ours_unrolled": ours(mixer, steps, unroll_layers=True, remat=False),
            # The peer's exact layout (streams mixed in every layer) on our side too.
            "ours_mixed": ours(mixer, steps, objective="next_gene_faithful")}
     if mixer == "mamba2":  # the peer at its own default SSD chunk and at ours; the faster counts
@@ -101,12 +98,6 @@ def run(steps: int, peer_steps: int, backends: bool, compile_layers: list[int]) 
                                                   d_state=D_STATE[mixer], **sizes)
     log(f"compile {mixer}: " + ", ".join(f"{n} layers {s:.1f} s"
                                           for n, s in out["compile"][mixer].items()))
-    # The price of unroll_layers: compile time grows with depth.
-    out["compile"][f"{mixer}, unroll_layers"] = bench.compile_seconds(
-        UNROLLED_DEPTHS, mixer=mixer, d_state=D_STATE[mixer], unroll_layers=True, remat=False,
-        **sizes)
-    log(f"compile {mixer} unrolled: " + ", ".join(
-        f"{n} layers {s:.1f} s" for n, s in out["compile"][f"{mixer}, unroll_layers"].items()))
   out["load"].append(os.getloadavg()[0])
   return out
 
@@ -127,9 +118,7 @@ def section(out: dict, seconds: float, steps: int, peer_steps: int) -> str:
       "64, "
       "and the default remat policy, which keeps each mixer's in_proj and scan outputs and "
       "recomputes the rest), "
-      f"compiled, 2 warm-up steps, {steps} timed. \"ours, unroll_layers\" is the same step "
-      "with `GeneMambaConfig(unroll_layers=True, remat=False)` (`--unroll-layers --no-remat`: "
-      "the layer loop unrolled; compile time grows with depth). \"ours, mixed\" is the same "
+      f"compiled, 2 warm-up steps, {steps} timed. \"ours, mixed\" is the same "
       "step with next_gene_faithful, whose model mixes both directions in every layer exactly as the "
       "peers do; both run the mixer on 2B sequences per layer, so the work is the same up to "
       "the top of the model. Peers: `bench/torch_peers.py`, PyTorch eager, same layout "
@@ -140,18 +129,16 @@ def section(out: dict, seconds: float, steps: int, peer_steps: int) -> str:
       f"- run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
       f"{seconds:.0f} s in all; 1-minute load average during the run: "
       + ", ".join(f"{x:.2f}" for x in out["load"]), "",
-      ("| mixer (N) | peer | ours tokens/s | ours, unroll_layers | ours, mixed | "
-       "peer tokens/s | ratio | ratio (unroll_layers) | ratio (mixed) | target |"),
-      "|---|---|---|---|---|---|---|---|---|---|"]
+      ("| mixer (N) | peer | ours tokens/s | ours, mixed | peer tokens/s | ratio | "
+       "ratio (mixed) | target |"),
+      "|---|---|---|---|---|---|---|---|"]
   for mixer, row in out["head"].items():
     peer_tps = row["peer"]["tokens_per_s"]
-    ratio, unrolled, mixed = (row[k]["tokens_per_s"] / peer_tps
-                              for k in ("ours", "ours_unrolled", "ours_mixed"))
-    met = "met" if max(ratio, unrolled) >= TARGETS[mixer] else "not met"
+    ratio, mixed = (row[k]["tokens_per_s"] / peer_tps for k in ("ours", "ours_mixed"))
+    met = "met" if ratio >= TARGETS[mixer] else "not met"
     lines.append(f"| {mixer} ({D_STATE[mixer]}) | {PEER[mixer]}, {row['peer_note']} | "
-                 f"{_tps(row['ours'])} | {_tps(row['ours_unrolled'])} | "
-                 f"{_tps(row['ours_mixed'])} | {_tps(row['peer'])} | {ratio:.2f}x | "
-                 f"{unrolled:.2f}x | {mixed:.2f}x | >= {TARGETS[mixer]:.0f}x: {met} |")
+                 f"{_tps(row['ours'])} | {_tps(row['ours_mixed'])} | {_tps(row['peer'])} | "
+                 f"{ratio:.2f}x | {mixed:.2f}x | >= {TARGETS[mixer]:.0f}x: {met} |")
   by_chunk = out["head"].get("mamba2", {}).get("peer_by_chunk")
   if by_chunk:
     lines += ["", wrap("Mamba-2 peer by SSD chunk size: " + "; ".join(
@@ -175,7 +162,7 @@ def section(out: dict, seconds: float, steps: int, peer_steps: int) -> str:
   if out["compile"]:
     depths = sorted({n for times in out["compile"].values() for n in times})
     lines += ["", wrap("Lower + compile seconds of the train step by depth (`python -m "
-                       "genemamba_jax.bench compile-time --layers N ... [--unroll-layers]`, other "
+                       "genemamba_jax.bench compile-time --layers N ...`, other "
                        "sizes as above; by default layers run under `nnx.scan`):"), "",
               "| mixer | " + " | ".join(f"{n} layers" for n in depths) + " |",
               "|---|" + "---|" * len(depths)]

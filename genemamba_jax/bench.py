@@ -2,7 +2,7 @@
 
     python -m genemamba_jax.bench train-step --mixer mamba2 --d-model 128 --layers 4 \
         --seq-len 512 --batch 8 --vocab 2000 [--d-state N] [--steps 10] [--backend auto] \
-        [--dtype float32] [--remat | --no-remat] [--remat-policy P] [--unroll-layers]
+        [--dtype float32] [--remat | --no-remat] [--remat-policy P]
     python -m genemamba_jax.bench compile-time --layers 12 24 48 [--mixer mamba2 ...]
     python -m genemamba_jax.bench embed-step --d-model 512 --layers 2 --seq-len 2048 \
         --batch 8 --vocab 25426 [--combine mean] [--steps 5] [--chunk-size 64]
@@ -47,8 +47,8 @@ FIRST_GENE_ID = 4
 def model_config(mixer: str = "mamba2", d_model: int = 128, layers: int = 4, vocab: int = 2000,
                  d_state: int | None = None, backend: str | None = None,
                  dtype: str = "float32", remat: bool | None = None, chunk_size: int = 64,
-                 objective: str = "next_gene", unroll_layers: bool = False,
-                 remat_policy: str | None = None) -> GeneMambaConfig:
+                 objective: str = "next_gene", remat_policy: str | None = None
+                 ) -> GeneMambaConfig:
   """The GeneMamba the benchmark trains: mean combination, untied head with bias.
 
   The streams layout is the one `objective` trains (separate for next_gene),
@@ -59,7 +59,7 @@ def model_config(mixer: str = "mamba2", d_model: int = 128, layers: int = 4, voc
   config = GeneMambaConfig(
       vocab_size=vocab, d_model=d_model, n_layers=layers, mixer=mixer, d_state=d_state,
       combine="mean", streams=objectives.model_streams_for(objective),
-      scan_chunk_size=chunk_size, dtype=dtype, unroll_layers=unroll_layers)
+      scan_chunk_size=chunk_size, dtype=dtype)
   overrides = {"scan_backend": backend, "remat": remat, "remat_policy": remat_policy}
   return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -120,8 +120,7 @@ def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
                     d_state: int | None = None, steps: int = 10, warmup: int = 2,
                     backend: str | None = None, dtype: str = "float32",
                     remat: bool | None = None, chunk_size: int = 64, objective: str = "next_gene",
-                    seed: int = 0, unroll_layers: bool = False,
-                    remat_policy: str | None = None) -> dict:
+                    seed: int = 0, remat_policy: str | None = None) -> dict:
   """Compiles the train step, runs `warmup` steps, then times `steps` steps.
 
   Returns:
@@ -132,7 +131,7 @@ def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
   if steps < 1 or warmup < 0:
     raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
   config = model_config(mixer, d_model, layers, vocab, d_state, backend, dtype, remat,
-                        chunk_size, objective, unroll_layers, remat_policy)
+                        chunk_size, objective, remat_policy)
   train_step, state = build_train_step(config, objective, warmup + steps, seed)
   data = random_batch(batch, seq_len, vocab, seed)
   t0 = time.perf_counter()
@@ -157,13 +156,13 @@ def compile_seconds(layers: Sequence[int], mixer: str = "mamba2", d_model: int =
                     seq_len: int = 512, batch: int = 8, vocab: int = 2000,
                     d_state: int | None = None, backend: str | None = None,
                     dtype: str = "float32", remat: bool | None = None, chunk_size: int = 64,
-                    objective: str = "next_gene", unroll_layers: bool = False,
-                    remat_policy: str | None = None) -> dict[int, float]:
+                    objective: str = "next_gene", remat_policy: str | None = None
+                    ) -> dict[int, float]:
   """{depth: lower + compile seconds of the train step} for each depth in `layers`."""
   out = {}
   for n in layers:
     config = model_config(mixer, d_model, n, vocab, d_state, backend, dtype, remat, chunk_size,
-                          objective, unroll_layers, remat_policy)
+                          objective, remat_policy)
     out[n] = lower_and_compile(config, seq_len, batch, objective)[1]
   return out
 
@@ -244,8 +243,6 @@ def _parser() -> argparse.ArgumentParser:
                            f"recompute the rest (default: the model's, {GeneMambaConfig.remat})")
   common.add_argument("--remat-policy", choices=REMAT_POLICIES, default=None,
                       help=f"default: the model's, {GeneMambaConfig.remat_policy!r}")
-  common.add_argument("--unroll-layers", action="store_true",
-                      help="unroll the loop over layers (compile time grows with depth)")
   common.add_argument("--objective", choices=objectives.OBJECTIVES, default="next_gene",
                       help="the training objective (default next_gene, separate streams)")
   step = commands.add_parser("train-step", parents=[common], help="time training steps")
@@ -308,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
            "batch": args.batch, "vocab": args.vocab, "d_state": args.d_state,
            "backend": args.backend, "dtype": args.dtype, "remat": args.remat,
            "remat_policy": args.remat_policy, "chunk_size": args.chunk_size,
-           "objective": args.objective, "unroll_layers": args.unroll_layers}
+           "objective": args.objective}
   try:
     probe = model_config(args.mixer, args.d_model, 1, args.vocab, args.d_state, args.backend,
                          args.dtype, args.remat, args.chunk_size, args.objective,

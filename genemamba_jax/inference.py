@@ -172,7 +172,7 @@ def predict_tokens(model: GeneMamba, sentences: Sequence[np.ndarray], *, protoco
                      "objective (separate streams); this one mixes the directions in every layer")
 
   def fn(model, tokens, mask, carry):
-    hidden = (model.next_gene_hidden(tokens, mask) if protocol == "next_gene"
+    hidden = (model.encode_next_gene(tokens, mask)[0] if protocol == "next_gene"
               else model.encode(tokens, mask))
     return jnp.argmax(model.logits(hidden), axis=-1).astype(jnp.int32), carry
 

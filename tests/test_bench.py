@@ -26,12 +26,12 @@ def test_train_step_cli_ends_with_tokens_per_s():
   assert match and float(match.group(1)) > 0, proc.stdout
 
 
-@pytest.mark.parametrize("unroll", [[], ["--unroll-layers", "--no-remat"]])
-def test_compile_time_prints_a_line_per_depth(unroll, capsys):
-  bench.main(["compile-time", *TINY, "--mixer", "mamba1", "--layers", "1", "2", *unroll])
+@pytest.mark.parametrize("remat", [[], ["--no-remat"]])
+def test_compile_time_prints_a_line_per_depth(remat, capsys):
+  bench.main(["compile-time", *TINY, "--mixer", "mamba1", "--layers", "1", "2", *remat])
   out = capsys.readouterr().out
   # The header line shows the configuration timed, remat included.
-  remat = "remat=False" if unroll else f"remat={GeneMambaConfig.remat}"
+  remat = "remat=False" if remat else f"remat={GeneMambaConfig.remat}"
   assert remat in out.splitlines()[0], out
   rows = re.findall(r"^\| (\d+) \| (\d+\.\d+) \|$", out, re.MULTILINE)
   assert [int(depth) for depth, _ in rows] == [1, 2]

@@ -37,8 +37,8 @@ def test_reconstruct_scores_each_protocol_on_gene_positions(kang_pretrained):
   row = per_cell[(per_cell.method == "next_gene") & (per_cell.cell == 3)].iloc[0]
   assert row.l_dist == rm.levenshtein(ref, hyps["next_gene"][3])
   assert row.bleu4 == pytest.approx(rm.bleu(ref, hyps["next_gene"][3]))
-  # Leak-free predictions come from next_gene_hidden: check one position by hand.
-  hidden = model.model.next_gene_hidden(cells[3][None], None)
+  # Leak-free predictions come from encode_next_gene: check one position by hand.
+  hidden = model.model.encode_next_gene(cells[3][None], None)[0]
   logits = np.asarray(model.model.logits(hidden))[0]
   assert hyps["next_gene"][3][4] == np.argmax(logits[5])
   assert summary.loc["same_position", "cells"] == 12

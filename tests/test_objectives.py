@@ -98,9 +98,11 @@ def test_next_gene_logits_do_not_see_their_target(name, mixer, monkeypatch):
     m = nnx.merge(graphdef, state, copy=True)
     pred = objectives.predictions(m, tokens, mask, jax.random.key(0), objective)
     states = ()
-    if name == "next_gene":  # the loss's one-pass states are the model's own two methods
-      states = (objectives.separate_states(m, tokens, mask, same_position=True),
-                (m.next_gene_hidden(tokens, mask), m.encode(tokens, mask)))
+    if name == "next_gene":  # the loss's one pass gives the model's own states
+      full = objectives.predictions(m, tokens, mask, jax.random.key(0), objective,
+                                    with_hidden=True)
+      states = ((full.logits, full.hidden),
+                (m.logits(m.encode_next_gene(tokens, mask)[0]), m.encode(tokens, mask)))
     return pred.logits @ projection, (pred.weights, states)
 
   delta = jnp.zeros(tokens.shape + (16,))

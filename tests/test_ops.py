@@ -301,7 +301,7 @@ def test_chunked_memory_does_not_hold_full_state(op):
     (ssd, mamba2_inputs(0, 1, 4, 2, 2, 1, 4)),
 ])
 def test_unknown_backend_raises(fn, inputs):
-  with pytest.raises(ValueError, match="associative, auto, chunked, numba, pallas, pallas_interpret, sequential"):
+  with pytest.raises(ValueError, match="associative, auto, chunked, numba, pallas, sequential"):
     fn(*inputs, backend="cuda")
   with pytest.raises(ValueError, match="chunk_size"):
     fn(*inputs, backend="chunked", chunk_size=0)

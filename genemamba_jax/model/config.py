@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+
+from genemamba_jax.ops import scan_utils
 
 MIXERS = ("mamba1", "mamba2")
 COMBINES = ("mean", "sum", "concat", "gate")
@@ -16,8 +17,7 @@ REMAT_POLICIES = ("in_proj_and_scan_saveable", "nothing_saveable", "dots_saveabl
                   "dots_with_no_batch_dims_saveable", "everything_saveable")
 # The activations `in_proj_and_scan_saveable` keeps, tagged with `checkpoint_name` in the mixers.
 SAVED_ACTIVATIONS = ("in_proj", "scan_output")
-SCAN_BACKENDS = ("sequential", "associative", "chunked", "pallas", "pallas_interpret", "numba",
-                 "auto")
+SCAN_BACKENDS = scan_utils.SELECTABLE  # defined with the ops that implement them
 DTYPES = ("float32", "bfloat16")
 
 
@@ -33,7 +33,7 @@ class GeneMambaConfig:
   vocab_size: int = 25_426
   d_model: int = 512
   n_layers: int = 24
-  mixer: Literal["mamba1", "mamba2"] = "mamba2"
+  mixer: str = "mamba2"  # one of MIXERS
   d_state: int | None = None
   d_conv: int = 4
   expand: int = 2
@@ -48,30 +48,29 @@ class GeneMambaConfig:
   proj_bias: bool = False  # in_proj / out_proj bias (mamba_ssm: False)
   norm_eps: float = 1e-5
   # Bidirectional combination of the forward and reverse streams of a layer.
-  combine: Literal["mean", "sum", "concat", "gate"] = "mean"
+  combine: str = "mean"  # one of COMBINES
   shared_combine: bool = False  # one concat/gate Linear for all layers (original code)
   # "mixed": the streams are combined in every layer (paper, original code).
   # "separate": forward and reverse streams run apart through all layers (shared
   # weights) and are combined only at the top, which makes a leak-free
   # bidirectional next-gene objective possible (see genemamba_jax.train.objectives).
-  streams: Literal["mixed", "separate"] = "mixed"
+  streams: str = "mixed"  # one of STREAMS
   # Where a mixed layer's residual joins, with f, b the mixer run on the sequence and on its
   # reverse. "around": x + combine(f(x), b(x)), ours and the paper's equation. "inside":
   # combine(x + f(x), x + b(x)), what the original PyTorch code computes (equal for mean, not
   # for sum, concat and gate). "identity": combine(x, x), the original's public code, whose
   # layers return their input and discard the mixer's output (README, "Using the original
   # PyTorch GeneMamba checkpoints"). Separate streams: "around" and "inside" are the same.
-  residual: Literal["around", "inside", "identity"] = "around"
+  residual: str = "around"  # one of RESIDUALS
   prenorm: bool = False  # RMSNorm before each layer's mixer (the original has none)
   tie_embeddings: bool = False  # original: untied LM head with bias
   lm_head_bias: bool = True
   pad_id: int = 0
-  dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+  dtype: str = "float32"  # one of DTYPES: the compute dtype; parameters stay float32
   # auto: Mamba-1 runs the Pallas kernel on GPU, the numba kernels on CPU (fastest there for
   # training, bench/RESULTS.md) and chunked on TPU; Mamba-2 runs the chunked SSD everywhere.
   # See ops/selective_scan.py and the README.
-  scan_backend: Literal["sequential", "associative", "chunked", "pallas", "pallas_interpret",
-                        "numba", "auto"] = "auto"
+  scan_backend: str = "auto"  # one of SCAN_BACKENDS
   scan_chunk_size: int = 64  # for the chunked backend
   # remat: each layer keeps for the backward only what `remat_policy` names and recomputes the
   # rest. The default policy keeps the mixer's in_proj output and scan output ([B, L, ~3
@@ -82,15 +81,7 @@ class GeneMambaConfig:
   # the planned memory (bench/RESULTS.md). nothing_saveable recomputes whole layers (least
   # memory); everything_saveable / remat=False keeps everything.
   remat: bool = True
-  remat_policy: Literal["in_proj_and_scan_saveable", "nothing_saveable", "dots_saveable",
-                        "dots_with_no_batch_dims_saveable", "everything_saveable"] = (
-                            "in_proj_and_scan_saveable")
-  # Layers run under a scan (compile time flat in depth). unroll_layers=True unrolls that
-  # loop: XLA then keeps each layer's activations in its own buffer instead of stacking them
-  # into [n_layers, ...] arrays, so nothing is copied (pair it with remat=False), but compile
-  # time grows with depth. On CPU the scanned default with remat now runs as fast or faster
-  # (bench/RESULTS.md), so unrolling is for experiments. Same parameters either way.
-  unroll_layers: bool = False
+  remat_policy: str = "in_proj_and_scan_saveable"  # one of REMAT_POLICIES
 
   def __post_init__(self):
     def fail(msg):

@@ -2,8 +2,7 @@
 
 The layers are created stacked (`nnx.vmap`, one leading "layers" axis on every
 parameter) and applied with `nnx.scan`, so compile time does not grow with
-depth (`config.unroll_layers` unrolls it; compile time then grows with
-depth); `config.remat` (default on) keeps only what `config.remat_policy` names of a
+depth; `config.remat` (default on) keeps only what `config.remat_policy` names of a
 layer's activations for the backward and recomputes the rest. The residual
 stream is float32; mixers compute in `config.dtype`.
 """
@@ -74,78 +73,55 @@ class GeneMamba(nnx.Module):
   def encode(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """tokens [B, L] -> final hidden states [B, L, d_model] (float32).
 
-    With separate streams, position t combines the forward state at t (tokens
-    0..t) and the reverse state at t (tokens t..n-1): both streams, for cell
-    and gene embeddings; next-gene prediction uses `next_gene_hidden` instead.
+    The state at t has read both directions, t itself included: what cell and
+    gene embeddings use. With separate streams it combines the forward state at
+    t (tokens 0..t) and the reverse state at t (tokens t..n-1); for the leak-free
+    prediction of the token at t, use `encode_next_gene`.
     """
     if self.config.streams == "separate":
-      forward, backward = self.encode_streams(tokens, mask)
-      return self.norm_f(self.aggr(forward, backward)).astype(jnp.float32)
+      return self.encode_next_gene(tokens, mask)[1]
     mask = self._mask(tokens, mask)
-    reverse_index = reverse_valid_index(mask)
     x = self.embeddings(tokens).astype(jnp.float32)
-
-    def apply(layer: BiMambaLayer, x, reverse_index, aggr):
-      return layer(x, reverse_index, aggr)
-
-    if self.config.remat:
-      apply = nnx.remat(apply, policy=self._remat_policy())
-
-    @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry,
-              unroll=self.config.unroll_layers)
-    def run_layers(layer, x, reverse_index, aggr):
-      return apply(layer, x, reverse_index, aggr)
-
-    x = run_layers(self.layers, x, reverse_index, self.aggr)
+    x = self._run_layers(lambda layer, x, reverse_index, shared: layer(x, reverse_index, shared),
+                         x, reverse_valid_index(mask))
     return self.norm_f(x).astype(jnp.float32)
 
-  def encode_streams(self, tokens: jax.Array, mask: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array]:
-    """Separate streams only: (forward, reverse) states [B, L, d], before the final norm.
+  def encode_next_gene(self, tokens: jax.Array, mask: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Separate streams only, one pass: (next_gene, same_position) states, each [B, L, d].
 
-    forward[t] depends on tokens 0..t, reverse[t] on tokens t..n-1 of the row.
+    next_gene[t] combines the forward state at t - 1 and the reverse state at
+    t + 1 (zeros beyond the row's valid tokens), so nothing at t itself is seen:
+    it predicts the token at t, leak-free. same_position[t] is `encode`'s.
     """
     if self.config.streams != "separate":
-      raise ValueError("encode_streams needs GeneMambaConfig(streams='separate')")
+      raise ValueError("encode_next_gene needs GeneMambaConfig(streams='separate')")
     mask = self._mask(tokens, mask)
-    reverse_index = reverse_valid_index(mask)
     x = self.embeddings(tokens).astype(jnp.float32)
-
-    def apply(layer: BiMambaLayer, carry, reverse_index):
-      return layer.streams(*carry, reverse_index)
-
-    if self.config.remat:
-      apply = nnx.remat(apply, policy=self._remat_policy())
-
-    @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry,
-              unroll=self.config.unroll_layers)
-    def run_layers(layer, carry, reverse_index):
-      return apply(layer, carry, reverse_index)
-
-    return run_layers(self.layers, (x, x), reverse_index)
-
-  def next_gene_hidden(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Separate streams only: [B, L, d] states that predict the token AT each position.
-
-    Position t combines forward[t - 1] and reverse[t + 1] (zeros beyond the
-    row's valid tokens), so nothing at t itself is seen: leak-free.
-    """
-    return self.stream_states(tokens, mask)[0]
-
-  def stream_states(self, tokens: jax.Array, mask: jax.Array | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
-    """Separate streams only, one pass: (`next_gene_hidden`, `encode`) outputs, each [B, L, d]."""
-    mask = self._mask(tokens, mask)
-    forward, backward = self.encode_streams(tokens, mask)
+    # forward[t] depends on tokens 0..t, backward[t] on tokens t..n-1 (before the final norm).
+    forward, backward = self._run_layers(
+        lambda layer, streams, reverse_index, _: layer.streams(*streams, reverse_index),
+        (x, x), reverse_valid_index(mask))
     previous = jnp.pad(forward, ((0, 0), (1, 0), (0, 0)))[:, :-1]
     following = jnp.pad(backward, ((0, 0), (0, 1), (0, 0)))[:, 1:]
     next_valid = jnp.pad(mask, ((0, 0), (0, 1)))[:, 1:]
     following = jnp.where(next_valid[..., None], following, 0.0)
-    next_hidden = self.norm_f(self.aggr(previous, following)).astype(jnp.float32)
-    return next_hidden, self.norm_f(self.aggr(forward, backward)).astype(jnp.float32)
+    next_gene = self.norm_f(self.aggr(previous, following)).astype(jnp.float32)
+    return next_gene, self.norm_f(self.aggr(forward, backward)).astype(jnp.float32)
 
-  def _remat_policy(self):
-    return layer_remat_policy(self.config.remat_policy)
+  def _run_layers(self, step, carry, reverse_index: jax.Array):
+    """`carry = step(layer, carry, reverse_index, self.aggr)` through every layer, under
+    `nnx.scan` (the layers are stacked, so compile time is flat in depth) and `config.remat`.
+    `self.aggr` (the original's one combination for all layers) goes in as an argument: NNX
+    transforms take modules as arguments, not from a closure."""
+    if self.config.remat:
+      step = nnx.remat(step, policy=layer_remat_policy(self.config.remat_policy))
+
+    @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry)
+    def run(layer, carry, reverse_index, shared):
+      return step(layer, carry, reverse_index, shared)
+
+    return run(self.layers, carry, reverse_index, self.aggr)
 
   def _mask(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
     return tokens != self.config.pad_id if mask is None else mask.astype(bool)

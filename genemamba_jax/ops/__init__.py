@@ -3,7 +3,7 @@
 Both take `backend=` one of `SELECTABLE`: the XLA backends in `BACKENDS`,
 "sequential" (lax.scan reference), "associative" (lax.associative_scan) and
 "chunked" (checkpointed chunks, low memory for training); the kernels, "pallas"
-(GPU, `pallas_scan.py`; "pallas_interpret" runs it in Pallas's interpreter) and
+(GPU, `pallas_scan.py`; `pallas_scan.interpreted()` runs it in Pallas's interpreter) and
 "numba" (CPU, `cpu_scan.py`), both Mamba-1 only; and "auto", which picks per
 platform.
 """

@@ -33,6 +33,8 @@ columns at 0. Outputs and gradients of the padding are sliced off.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 
@@ -44,6 +46,24 @@ from jax.experimental import pallas as pl
 from genemamba_jax.ops import scan_utils
 
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+# Set by `interpreted()`: the `pallas` backend runs in Pallas's interpreter (tests on CPU).
+_INTERPRETED = contextvars.ContextVar("pallas_interpreted", default=False)
+
+
+@contextlib.contextmanager
+def interpreted():
+  """Within the block, scan backend "pallas" runs the kernels in Pallas's interpreter on any
+  platform: how the tests check the kernel through whole models on CPU. (The setting is read
+  when a function is traced: call jitted functions inside the block.)"""
+  token = _INTERPRETED.set(True)
+  try:
+    yield
+  finally:
+    _INTERPRETED.reset(token)
+
+
+def interpret_forced() -> bool:
+  return _INTERPRETED.get()
 # The kernels target Ampere (sm_80) and newer; older GPUs are untested.
 _MIN_COMPUTE_CAPABILITY = 8.0
 

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 
 BACKENDS = ("sequential", "associative", "chunked")  # the XLA backends, on every platform
-# What a model config may name: the XLA backends, the Pallas kernel (GPU; `pallas_interpret` runs
-# it in Pallas's interpreter, for tests on CPU), the numba kernels (CPU), and `auto`, resolved per
-# platform and op.
-SELECTABLE = (*BACKENDS, "pallas", "pallas_interpret", "numba", "auto")
+# What a model config may name: the XLA backends, the Pallas kernel (GPU), the numba kernels
+# (CPU), and `auto`, resolved per platform and op. (Tests run the Pallas kernel on CPU in Pallas's
+# interpreter with `pallas_scan.interpreted()`, not by a backend name.)
+SELECTABLE = (*BACKENDS, "pallas", "numba", "auto")
 
 
 def get_backend(registry: Mapping[str, Callable], backend: str) -> Callable:

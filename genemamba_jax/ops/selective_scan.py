@@ -116,9 +116,11 @@ def _chunked(x, dt, A, B, C, chunk_size, inner=None):
   return scan_utils.from_chunks(y)[:, :length]
 
 
-def _pallas(x, dt, A, B, C, chunk_size, interpret=False):
-  """The Pallas kernel (ops/pallas_scan.py) where it compiles; else `chunked`, with the reason logged."""
+def _pallas(x, dt, A, B, C, chunk_size):
+  """The Pallas kernel (ops/pallas_scan.py) where it compiles (or in its interpreter under
+  `pallas_scan.interpreted()`); else `chunked`, with the reason logged."""
   from genemamba_jax.ops import pallas_scan  # pylint: disable=g-import-not-at-top
+  interpret = pallas_scan.interpret_forced()
   if not interpret:
     usable, reason = pallas_scan.pallas_available()
     if not usable:
@@ -154,7 +156,6 @@ _IMPLS = {
     "associative": _associative,
     "chunked": _chunked,
     "pallas": _pallas,
-    "pallas_interpret": lambda *args: _pallas(*args, interpret=True),
     "numba": _numba,
     "auto": _auto,
 }
@@ -179,7 +180,7 @@ def selective_scan(x, dt, A, B, C, D=None, *, backend="associative",
     D: [d] or None, skip connection.
     backend: one of `scan_utils.SELECTABLE`: "sequential", "associative",
       "chunked", "pallas" (GPU kernel; elsewhere falls back to chunked with a
-      logged reason), "pallas_interpret" (the kernel in Pallas's interpreter),
+      logged reason; in Pallas's interpreter under `pallas_scan.interpreted()`),
       "numba" (compiled CPU kernels; elsewhere falls back to chunked with a
       logged reason) or "auto" (pallas on GPU, numba on CPU, chunked on TPU).
     chunk_size: time steps per chunk (chunked, Pallas and numba backends); L

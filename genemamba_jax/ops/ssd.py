@@ -156,7 +156,6 @@ _IMPLS = {
     "associative": _associative,
     "chunked": _chunked,
     "pallas": _no_kernel,
-    "pallas_interpret": _no_kernel,
     "numba": _no_kernel,
     "auto": _chunked,
 }

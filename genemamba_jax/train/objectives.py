@@ -3,7 +3,7 @@
 * `next_gene` (default): the token at position t is predicted from the
   forward stream at t - 1 (tokens before t) and the reverse stream at t + 1
   (tokens after t) of a separate-streams model (`GeneMambaConfig(streams=
-  "separate")`, `GeneMamba.next_gene_hidden`): nothing at t is seen.
+  "separate")`, `GeneMamba.encode_next_gene`): nothing at t is seen.
 * `next_gene_faithful`: the paper's L_lang exactly as the original code
   computes it, cross-entropy of `logits[:, :-1]` against `tokens[:, 1:]` on the
   mixed model. With bidirectional layers the reverse stream at t has already
@@ -130,17 +130,6 @@ def mlm_corrupt(tokens: jax.Array, mask: jax.Array, rng: jax.Array, objective: O
   return inputs.astype(jnp.int32), chosen
 
 
-def separate_states(model, tokens: jax.Array, mask: jax.Array, same_position: bool = False
-                    ) -> tuple[jax.Array, jax.Array | None]:
-  """One pass of a separate-streams model -> (next-gene states, same-position states or None).
-
-  `model.stream_states`: the layers run once even when an auxiliary loss also
-  needs the same-position states.
-  """
-  next_hidden, hidden = model.stream_states(tokens, mask)
-  return next_hidden, hidden if same_position else None
-
-
 def predictions(model, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
                 objective: ObjectiveConfig, with_hidden: bool = False) -> Predictions:
   """The objective's logits aligned with their targets (see `Predictions`)."""
@@ -150,8 +139,10 @@ def predictions(model, tokens: jax.Array, mask: jax.Array, rng: jax.Array,
                      "GeneMambaConfig(streams=model_streams_for('next_gene'))")
   targets_ok = mask & ~_is_any(tokens, objective.excluded_ids)
   if objective.name == "next_gene":
-    next_hidden, hidden = separate_states(model, tokens, mask, with_hidden)
-    return Predictions(model.logits(next_hidden), tokens, targets_ok, hidden, mask)
+    # One pass gives both: the same-position states too, for an auxiliary loss.
+    next_hidden, hidden = model.encode_next_gene(tokens, mask)
+    return Predictions(model.logits(next_hidden), tokens, targets_ok,
+                       hidden if with_hidden else None, mask)
   if objective.name == "next_gene_faithful":
     hidden = model.encode(tokens, mask)
     # Shifting the states instead of the logits gives the original's

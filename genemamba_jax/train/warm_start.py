@@ -28,8 +28,7 @@ from genemamba_jax.train import config as config_lib
 
 _log = logging.getLogger(__name__)
 # Model keys that change how the model runs, not its parameters: taken from the config.
-RUN_TIME_KEYS = ("dtype", "scan_backend", "scan_chunk_size", "remat", "remat_policy",
-                 "unroll_layers")
+RUN_TIME_KEYS = ("dtype", "scan_backend", "scan_chunk_size", "remat", "remat_policy")
 
 
 def load_init(c: ml_collections.ConfigDict, corpus_vocab: Mapping[str, int], streams: str
