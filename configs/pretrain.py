@@ -34,7 +34,6 @@ def get_config(arg=None):
   config.model.d_model = 512
   config.model.n_layers = 24
   config.model.mixer = "mamba2"
-  config.model.d_state = 64
   config.model.dtype = "bfloat16"
   config.model.remat = True
   config.optimizer.lr = 6e-4
@@ -48,6 +47,4 @@ def get_config(arg=None):
       config.data.max_len = cast(value)
     else:
       config.model[field] = cast(value)
-  if config.model.mixer == "mamba1" and "d_state" not in (arg or ""):
-    config.model.d_state = 16  # mamba_ssm's Mamba-1 default
   return config

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from genemamba_jax.train import config as train_config
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.config import COMBINES, DTYPES, MIXERS, REMAT_POLICIES, SCAN_BACKENDS
 from genemamba_jax.train import objectives
@@ -90,7 +91,7 @@ def build_train_step(config: GeneMambaConfig, objective: str = "next_gene", num_
   with warnings.catch_warnings():  # next_gene_faithful's LeakWarning: known, not news here
     warnings.simplefilter("ignore", objectives.LeakWarning)
     objective_config = objectives.ObjectiveConfig(name=objective)
-  opt = optimizer_lib.default_optimizer_config()
+  opt = train_config.default_config().optimizer
   tx = optimizer_lib.make_optimizer(opt, num_steps)
   schedule = optimizer_lib.learning_rate(opt, num_steps)
   make_state = lambda: step_lib.init_state(GeneMamba(config, rngs=nnx.Rngs(seed)), tx, seed)

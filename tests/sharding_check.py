@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from genemamba_jax.train import config as train_config
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.train import optimizer, sharding
 
@@ -56,7 +57,7 @@ def _batch() -> dict:
 def main() -> None:
   if jax.device_count() != 8:
     sys.exit(f"needs 8 devices, found {jax.device_count()}; set XLA_FLAGS as the docstring says")
-  cfg = optimizer.default_optimizer_config()
+  cfg = train_config.default_config().optimizer
   cfg.update(lr=1e-3, warmup_steps=0)
   tx = optimizer.make_optimizer(cfg, num_steps=10)
   graphdef, params = nnx.split(GeneMamba(MODEL, rngs=nnx.Rngs(0)), nnx.Param)

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from genemamba_jax.train import config as train_config
 from genemamba_jax.data import pipeline, records
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.train import optimizer, sharding
@@ -40,7 +41,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def setup():
   """(tx, graphdef, init_fn, jitted train step, state shardings) shared by both runs."""
-  cfg = optimizer.default_optimizer_config()
+  cfg = train_config.default_config().optimizer
   cfg.update(lr=1e-2, warmup_steps=2)
   tx = optimizer.make_optimizer(cfg, num_steps=6)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: GeneMamba(MODEL, rngs=nnx.Rngs(0))))
@@ -67,7 +68,7 @@ def setup():
     return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
             "step": state["step"] + 1, "rng": jax.random.key_data(rng)}, loss
 
-  mesh = sharding.make_mesh(sharding.default_sharding_config())
+  mesh = sharding.make_mesh(train_config.default_config().mesh)
   abstract = jax.eval_shape(lambda: init(0))
   shardings = sharding.state_shardings(abstract, mesh)
   step = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from genemamba_jax.train import config as train_config
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.train import optimizer
 
@@ -82,7 +83,7 @@ def test_weight_decay_mask_on_genemamba(mixer):
 
 
 def _config(**kwargs):
-  cfg = optimizer.default_optimizer_config()
+  cfg = train_config.default_config().optimizer
   cfg.update(dict(warmup_steps=0) | kwargs)
   return cfg
 
@@ -132,7 +133,7 @@ def test_accumulation_applies_the_mean_every_k():
 
 
 def test_default_config_fields():
-  cfg = optimizer.default_optimizer_config()
+  cfg = train_config.default_config().optimizer
   assert set(cfg) == {"lr", "warmup_steps", "end_lr_fraction", "b1", "b2", "eps",
                       "weight_decay", "clip_norm", "accumulate_steps"}
   assert cfg.lr == 6e-4 and cfg.weight_decay == 0.1 and cfg.clip_norm == 1.0

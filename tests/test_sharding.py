@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
+from genemamba_jax.train import config as train_config
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.layers import AXIS_NAMES
 from genemamba_jax.train import optimizer, sharding
@@ -44,7 +45,7 @@ def test_mesh_shape_resolves_the_rest_and_checks_the_count():
 
 
 def test_make_mesh_on_this_host():
-  mesh = sharding.make_mesh(sharding.default_sharding_config())
+  mesh = sharding.make_mesh(train_config.default_config().mesh)
   assert mesh.axis_names == sharding.MESH_AXES
   assert mesh.devices.size == jax.device_count()
   assert all(t == AxisType.Auto for t in mesh.axis_types)
@@ -94,7 +95,7 @@ def test_logical_to_spec_rule_variants_and_errors():
 def test_state_shardings_of_a_real_train_state(mixer):
   config = GeneMambaConfig(vocab_size=40, d_model=16, n_layers=2, mixer=mixer, headdim=8,
                            combine="gate")
-  tx = optimizer.make_optimizer(optimizer.default_optimizer_config(), 100)
+  tx = optimizer.make_optimizer(train_config.default_config().optimizer, 100)
 
   def init():
     params = nnx.state(GeneMamba(config, rngs=nnx.Rngs(0)), nnx.Param)
@@ -125,7 +126,7 @@ def test_state_shardings_of_a_real_train_state(mixer):
 
 
 def test_batch_sharding():
-  mesh = sharding.make_mesh(sharding.default_sharding_config())
+  mesh = sharding.make_mesh(train_config.default_config().mesh)
   assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
 
 
@@ -141,7 +142,7 @@ def test_maybe_initialize_distributed(monkeypatch, environ, want):
   calls = []
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  cfg = sharding.default_sharding_config()
+  cfg = train_config.default_config().mesh
   assert sharding.maybe_initialize_distributed(cfg, environ) is want
   assert len(calls) == int(want)
   if want:

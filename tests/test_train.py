@@ -126,7 +126,9 @@ def test_bad_configs_fail_before_compiling(tmp_path):
   with pytest.raises(KeyError, match='Did you mean "d_model"'):
     _config(**{"model.d_modle": 3})
   c = pretrain_config.get_config("layers=48,d_model=768,seq_len=4096,mixer=mamba1")
-  assert (c.model.n_layers, c.model.d_model, c.data.max_len, c.model.mixer, c.model.d_state) == (
+  from genemamba_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  model = config_lib.model_config(c, 100, "mixed")
+  assert (model.n_layers, model.d_model, c.data.max_len, model.mixer, model.state_size) == (
       48, 768, 4096, "mamba1", 16)
   with pytest.raises(ValueError, match="unknown argument 'depth'"):
     pretrain_config.get_config("depth=3")
@@ -156,3 +158,18 @@ def test_cli_reports_a_misspelt_key_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       "error: --config.batchsize: unknown key batchsize; did you mean batch_size or eval_batches?"]
   assert not os.listdir(tmp_path)
+
+
+def test_the_config_lists_every_model_field_and_mamba1_gets_its_own_state_size():
+  from genemamba_jax.model import GeneMambaConfig  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  fields = {f.name for f in __import__("dataclasses").fields(GeneMambaConfig)}
+  assert set(c.model.keys()) == fields - {"streams"}  # the objective sets the streams
+  with c.unlocked():
+    c.model.mixer = "mamba1"
+  model = config_lib.model_config(c, 100, "mixed")
+  assert model.state_size == GeneMambaConfig(mixer="mamba1").state_size == 16
+  with c.unlocked():
+    c.model.mixer = "mamba2"
+  assert config_lib.model_config(c, 100, "mixed").state_size == GeneMambaConfig().state_size == 64

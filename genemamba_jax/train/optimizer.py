@@ -25,26 +25,6 @@ _SSM_NO_DECAY = frozenset({"A_log", "D", "dt_bias"})
 _NORM_LEAVES = frozenset({"scale"})
 
 
-def default_optimizer_config() -> ml_collections.ConfigDict:
-  """The optimizer settings `make_optimizer` reads, with their defaults.
-
-  warmup_steps is used as given unless it is >= the run's num_steps (a run too
-  short for the default warmup, e.g. a smoke test); then num_steps // 10 is
-  used instead (`effective_warmup_steps`).
-  """
-  return ml_collections.ConfigDict(dict(
-      lr=6e-4,  # peak; GPT-3 125M (the Mamba paper's "GPT-3 spec")
-      warmup_steps=1000,
-      end_lr_fraction=0.1,  # cosine decays to 10% of the peak, as GPT-3
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.1,
-      clip_norm=1.0,  # <= 0 disables clipping
-      accumulate_steps=1,  # micro-batches per optimizer update
-  ))
-
-
 def effective_warmup_steps(warmup_steps: int, num_steps: int) -> int:
   """warmup_steps, or num_steps // 10 when the run is not longer than the warmup.
 
@@ -112,7 +92,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int
   """clip_by_global_norm -> AdamW(warmup + cosine, masked decay), accumulated.
 
   Args:
-    cfg: see `default_optimizer_config`.
+    cfg: the `optimizer` section of `train.config.default_config()`.
     num_steps: optimizer updates of the run, which the schedule spans. With
       accumulate_steps = k > 1 it is wrapped in `optax.MultiSteps`: call
       `update` once per micro-batch; every k-th call applies the mean of the

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -52,21 +51,6 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("dt_rank", None),
     ("conv_kernel", None),
 )
-
-
-def default_sharding_config() -> ml_collections.ConfigDict:
-  """Mesh shape and multi-process settings read by `make_mesh` and
-  `maybe_initialize_distributed`. -1 = all devices the other axes leave."""
-  placeholder = ml_collections.config_dict.placeholder
-  return ml_collections.ConfigDict(dict(
-      data=-1,
-      fsdp=1,
-      tensor=1,
-      distributed=placeholder(bool),  # None: auto-detect a multi-process launch
-      coordinator_address=placeholder(str),  # None: jax's cluster auto-detection
-      num_processes=placeholder(int),
-      process_id=placeholder(int),
-  ))
 
 
 def mesh_shape(cfg: Any, num_devices: int) -> tuple[int, int, int]:
