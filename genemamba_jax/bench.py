@@ -7,7 +7,7 @@
     python -m genemamba_jax.bench embed-step --d-model 512 --layers 2 --seq-len 2048 \
         --batch 8 --vocab 25426 [--combine mean] [--steps 5] [--chunk-size 64]
 
-`train-step` times the real training step (`genemamba_jax.train.step.make_train_step`:
+`train-step` times the real training step (`genemamba_jax.train.step.pretraining_core`:
 the default leak-free `next_gene` objective on a separate-streams model, AdamW of
 `genemamba_jax.train.optimizer`) on random tokens without padding, after a
 warm-up, and ends with the line `tokens_per_s=<number>` (tokens = batch *
@@ -38,7 +38,7 @@ from genemamba_jax.train import config as train_config
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.config import COMBINES, DTYPES, MIXERS, REMAT_POLICIES, SCAN_BACKENDS
 from genemamba_jax.train import objectives
-from genemamba_jax.train import optimizer as optimizer_lib
+from genemamba_jax.train import sharding
 from genemamba_jax.train import step as step_lib
 
 # Ids 0..3 are <pad>, <mask>, <cls>, <eos> in our vocabularies: random genes start after them.
@@ -72,33 +72,16 @@ def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
   return {"tokens": jnp.asarray(tokens), "mask": jnp.ones((batch, seq_len), bool)}
 
 
-def build_train_step(config: GeneMambaConfig, objective: str = "next_gene", num_steps: int = 100,
-                     seed: int = 0, abstract: bool = False):
-  """The training loop's step function and a train state for `config`.
-
-  Args:
-    config: the model.
-    objective: an objective name of `genemamba_jax.train.objectives`.
-    num_steps: the run length the optimizer's schedule spans.
-    seed: parameter and step RNG seed.
-    abstract: return the state as ShapeDtypeStructs (for lowering only; nothing
-      is allocated).
-
-  Returns:
-    (train_step, state): the un-jitted `(state, batch) -> (state, metrics)`
-    and its state {"params", "opt_state", "step", "rng"}.
-  """
+def train_core(config: GeneMambaConfig, objective: str = "next_gene", num_steps: int = 100,
+               seed: int = 0):
+  """The training loop's core for `config` on one device: its state builder and jitted step
+  (default AdamW, the objective's loss); nothing is allocated until `.init()`."""
   with warnings.catch_warnings():  # next_gene_faithful's LeakWarning: known, not news here
     warnings.simplefilter("ignore", objectives.LeakWarning)
     objective_config = objectives.ObjectiveConfig(name=objective)
-  opt = train_config.default_config().optimizer
-  tx = optimizer_lib.make_optimizer(opt, num_steps)
-  schedule = optimizer_lib.learning_rate(opt, num_steps)
-  make_state = lambda: step_lib.init_state(GeneMamba(config, rngs=nnx.Rngs(seed)), tx, seed)
-  abstract_model = nnx.eval_shape(lambda: GeneMamba(config, rngs=nnx.Rngs(seed)))
-  graphdef, _ = nnx.split(abstract_model, nnx.Param)
-  state = jax.eval_shape(make_state) if abstract else jax.jit(make_state)()
-  return step_lib.make_train_step(graphdef, tx, schedule, objective_config), state
+  c = train_config.default_config()
+  return step_lib.pretraining_core(config, objective_config, c.optimizer, num_steps,
+                                   sharding.make_mesh(c.mesh, jax.devices()[:1]), seed)
 
 
 def _batch_spec(batch: int, seq_len: int) -> dict:
@@ -109,10 +92,9 @@ def _batch_spec(batch: int, seq_len: int) -> dict:
 def lower_and_compile(config: GeneMambaConfig, seq_len: int, batch: int,
                       objective: str = "next_gene"):
   """(compiled step, lower+compile seconds) for abstract inputs: nothing is allocated."""
-  train_step, state = build_train_step(config, objective, abstract=True)
+  core = train_core(config, objective)
   t0 = time.perf_counter()
-  lowered = jax.jit(train_step, donate_argnums=0).lower(state, _batch_spec(batch, seq_len))
-  compiled = lowered.compile()
+  compiled = core.lower(core.restore_target(), _batch_spec(batch, seq_len)).compile()
   return compiled, time.perf_counter() - t0
 
 
@@ -133,19 +115,20 @@ def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
     raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
   config = model_config(mixer, d_model, layers, vocab, d_state, backend, dtype, remat,
                         chunk_size, objective, remat_policy)
-  train_step, state = build_train_step(config, objective, warmup + steps, seed)
+  core = train_core(config, objective, warmup + steps, seed)
+  state = core.init()
   data = random_batch(batch, seq_len, vocab, seed)
   t0 = time.perf_counter()
-  # Donated state, as in the training loop: the update happens in place.
-  step = jax.jit(train_step, donate_argnums=0).lower(state, data).compile()
+  # The training loop's step: sharded, the state donated (updated in place).
+  step = core.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
   for _ in range(warmup):
-    state, metrics = step(state, data)
+    state, metrics = step(state, data, ())
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, metrics = step(state, data)
+    state, metrics = step(state, data, ())
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
   return {"tokens_per_s": batch * seq_len * steps / sum(times),

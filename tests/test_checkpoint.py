@@ -1,16 +1,14 @@
 """Tests for genemamba_jax.train.checkpoint: exact resume of model, optimizer, RNG and data."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
-from genemamba_jax.train import config as train_config
 from genemamba_jax.data import pipeline, records
-from genemamba_jax.model import GeneMamba, GeneMambaConfig
-from genemamba_jax.train import optimizer, sharding
+from genemamba_jax.model import GeneMambaConfig
+from genemamba_jax.train import config as train_config
+from genemamba_jax.train import objectives, sharding
+from genemamba_jax.train import step as step_lib
 from genemamba_jax.train.checkpoint import Checkpointer
 
 VOCAB, MASK_ID, CLS = 40, 1, 2
@@ -40,40 +38,19 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setup():
-  """(tx, graphdef, init_fn, jitted train step, state shardings) shared by both runs."""
+  """(init, the training loop's jitted step, abstract state, state shardings), shared by runs.
+
+  The objective is mlm: its masks draw on the state's RNG, so a resume that lost
+  the RNG would change the loss.
+  """
   cfg = train_config.default_config().optimizer
   cfg.update(lr=1e-2, warmup_steps=2)
-  tx = optimizer.make_optimizer(cfg, num_steps=6)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: GeneMamba(MODEL, rngs=nnx.Rngs(0))))
-
-  def init(seed):
-    params = nnx.state(GeneMamba(MODEL, rngs=nnx.Rngs(seed)), nnx.Param)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed))}
-
-  def train_step(state, batch):
-    # Masked-token cross-entropy; the mask draws on the state's RNG, so a
-    # resume that lost the RNG would change the loss.
-    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-    hide = jax.random.bernoulli(step_rng, 0.3, batch["tokens"].shape) & batch["mask"]
-    inputs = jnp.where(hide, MASK_ID, batch["tokens"])
-
-    def loss_fn(params):
-      logits = nnx.merge(graphdef, params)(inputs, batch["mask"]).logits
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"])
-      return jnp.sum(ce * batch["mask"]) / jnp.sum(batch["mask"])
-
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "step": state["step"] + 1, "rng": jax.random.key_data(rng)}, loss
-
+  objective = objectives.ObjectiveConfig("mlm", pad_id=0, mask_id=MASK_ID, special_ids=(CLS,))
   mesh = sharding.make_mesh(train_config.default_config().mesh)
-  abstract = jax.eval_shape(lambda: init(0))
-  shardings = sharding.state_shardings(abstract, mesh)
-  step = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
-  return init, step, abstract, shardings
+  core = lambda seed: step_lib.pretraining_core(MODEL, objective, cfg, 6, mesh, seed)
+  main = core(0)
+  step = lambda state, batch: main.step(state, batch)
+  return (lambda seed: core(seed).init()), step, main.abstract_state, main.shardings
 
 
 def _run(step, state, it, n):

@@ -1,6 +1,6 @@
 """The default training path keeps no [B, L, d_inner, N] tensor.
 
-The real train step (`genemamba_jax.bench.build_train_step`: default objective,
+The real train step (`genemamba_jax.train.step.pretraining_core`: default objective,
 the model's default scan backend, i.e. on CPU the numba kernels for Mamba-1 and
 the chunked SSD for Mamba-2, AdamW) is lowered and
 compiled for state sizes N = 16, 32, 64, and XLA's buffer plan
@@ -29,27 +29,37 @@ import itertools
 import jax
 import pytest
 
-from genemamba_jax import bench
 from genemamba_jax.model import GeneMambaConfig
 from genemamba_jax.ops import cpu_scan
+from genemamba_jax.train import config as train_config
+from genemamba_jax.train import objectives, sharding
+from genemamba_jax.train import step as step_lib
 
 D_MODEL, LAYERS, SEQ_LEN, BATCH, VOCAB = 256, 2, 4096, 2, 100
 STATES = (16, 32, 64)
 
 
+def model_config(mixer: str, d_state: int, **overrides) -> GeneMambaConfig:
+  """The model the default objective trains (separate streams), at this test's sizes."""
+  return GeneMambaConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=LAYERS, mixer=mixer,
+                         d_state=d_state, streams="separate", **overrides)
+
+
 def temp_bytes(mixer: str, d_state: int, **overrides) -> int:
   """Planned temporary bytes of the compiled train step for this state size."""
-  config = bench.model_config(mixer, D_MODEL, LAYERS, VOCAB, d_state, **overrides)
-  train_step, state = bench.build_train_step(config, abstract=True)
+  c = train_config.default_config()
+  core = step_lib.pretraining_core(model_config(mixer, d_state, **overrides),
+                                   objectives.ObjectiveConfig(), c.optimizer, 100,
+                                   sharding.make_mesh(c.mesh, jax.devices()[:1]))
   batch = {"tokens": jax.ShapeDtypeStruct((BATCH, SEQ_LEN), "int32"),
            "mask": jax.ShapeDtypeStruct((BATCH, SEQ_LEN), "bool")}
-  compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+  compiled = core.lower(core.restore_target(), batch).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_train_step_memory_has_no_length_by_inner_by_state_tensor(mixer):
-  config = bench.model_config(mixer, D_MODEL, LAYERS, VOCAB, STATES[0])
+  config = model_config(mixer, STATES[0])
   # The default training path: the model's default backend and remat policy.
   assert config.scan_backend == GeneMambaConfig.scan_backend
   assert (config.remat, config.remat_policy) == (GeneMambaConfig.remat,

@@ -17,6 +17,7 @@ from genemamba_jax.train import config as train_config
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.layers import AXIS_NAMES
 from genemamba_jax.train import optimizer, sharding
+from genemamba_jax.train import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,13 +97,7 @@ def test_state_shardings_of_a_real_train_state(mixer):
   config = GeneMambaConfig(vocab_size=40, d_model=16, n_layers=2, mixer=mixer, headdim=8,
                            combine="gate")
   tx = optimizer.make_optimizer(train_config.default_config().optimizer, 100)
-
-  def init():
-    params = nnx.state(GeneMamba(config, rngs=nnx.Rngs(0)), nnx.Param)
-    return {"params": params, "opt_state": tx.init(params), "step": jax.numpy.zeros(()),
-            "rng": jax.random.key_data(jax.random.key(0))}
-
-  abstract = jax.eval_shape(init)
+  abstract = jax.eval_shape(lambda: state_lib.init_state(GeneMamba(config, rngs=nnx.Rngs(0)), tx, 0))
   mesh = _abstract_mesh(data=2, fsdp=2, tensor=2)
   shardings = sharding.state_shardings(abstract, mesh)
   assert jax.tree.structure(shardings) == jax.tree.structure(abstract)

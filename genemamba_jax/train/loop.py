@@ -19,19 +19,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from genemamba_jax import pretrained
 from genemamba_jax.data import genes, records
 from genemamba_jax.data.pipeline import PipelineConfig, make_dataset
 from genemamba_jax.data.vocab import Vocab
-from genemamba_jax.model import GeneMamba
 from genemamba_jax.train import checkpoint as checkpoint_lib
 from genemamba_jax.train import coexpression as coexpression_lib
 from genemamba_jax.train import config as config_lib
 from genemamba_jax.train import metrics as metrics_lib
 from genemamba_jax.train import objectives, sharding
-from genemamba_jax.train import optimizer as optimizer_lib
 from genemamba_jax.train import pathway as pathway_lib
 from genemamba_jax.train import resume
 from genemamba_jax.train import step as step_lib
@@ -118,38 +115,27 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir, model_config, Vocab(manifest["vocab"], f"{path}/manifest.json"),
         manifest["medians"], {**manifest.get("settings", {}), "max_len": c.data.max_len})
   train_it = iter(make_dataset(path, _pipeline(path, c, "train", per_process)))
-  tx = optimizer_lib.make_optimizer(c.optimizer, c.num_steps)
-  schedule = optimizer_lib.learning_rate(c.optimizer, c.num_steps)  # the one tx follows
 
-  # --- sharded state: built directly in its shardings, never whole on one host
-  abstract_model = nnx.eval_shape(lambda: GeneMamba(model_config, rngs=nnx.Rngs(c.seed)))
-  graphdef, _ = nnx.split(abstract_model, nnx.Param)
-  abstract_state = jax.eval_shape(
-      lambda: step_lib.init_state(GeneMamba(model_config, rngs=nnx.Rngs(c.seed)), tx, c.seed))
-  state_sharding = sharding.state_shardings(abstract_state, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  state = jax.jit(lambda: step_lib.init_state(GeneMamba(model_config, rngs=nnx.Rngs(c.seed)),
-                                              tx, c.seed), out_shardings=state_sharding)()
+  # --- the training core: the state built in its shardings, the jitted step
+  core = step_lib.pretraining_core(model_config, objective, c.optimizer, c.num_steps, mesh, c.seed)
+  state = core.init()
 
   # --- checkpoint: resume when there is one
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=c.keep_checkpoints, save_every=c.checkpoint_every)
   start = ckpt.latest_step() or 0
   if init_params is not None and not start:
-    state = warm_start.place_params(state, init_params, state_sharding)
+    state = warm_start.place_params(state, init_params, core.shardings)
     print(f"starting from the weights of {c.init_checkpoint}")
   if start:
-    state = ckpt.restore(start, sharding.with_shardings(abstract_state, state_sharding), train_it)
+    state = ckpt.restore(start, core.restore_target(), train_it)
     print(f"resumed from step {start} in {workdir}")
 
-  # --- steps
-  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, objective,
-                                                c.optimizer.accumulate_steps),
-                       in_shardings=(state_sharding, batch_sharding, None),
-                       out_shardings=(state_sharding, None), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, objective),
-                      in_shardings=(state_sharding["params"], batch_sharding, None, None))
-  params_per_token = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+  # --- evaluation step, throughput
+  eval_step = jax.jit(step_lib.make_eval_step(core.graphdef, objective),
+                      in_shardings=(core.shardings["params"], sharding.batch_sharding(mesh),
+                                    None, None))
+  params_per_token = core.num_params()
   peak = metrics_lib.peak_flops_per_device()
 
   # --- Ctrl-C (SIGINT) and preemption (SIGTERM): finish the step, save a checkpoint, stop.
@@ -173,14 +159,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       if c.profile_steps and step == c.profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
       batch = sharding.shard_batch(next(train_it), mesh)
-      state, metrics = train_step(state, batch, aux_losses)
+      state, metrics = core.step(state, batch, aux_losses)
       pending.append((step + 1, metrics))
       if c.profile_steps and step == c.profile_steps[1]:
         jax.profiler.stop_trace()
       done = step + 1
-      if done % c.log_every == 0 or done == c.num_steps or stop["signal"]:
+      if done % c.log_every == 0 or done == c.num_steps:
         last = _log(pending, writer, params_per_token, peak)
         pending = []
+      elif stop["signal"]:  # the loss for the summary line, but no row: a resumed run then logs
+        last = _log(pending, None, params_per_token, peak)  # the rows an unstopped one does
       if done % c.eval_every == 0 or done == c.num_steps:
         last["eval_loss"] = evaluate(eval_step, state["params"], path, c, per_process, mesh,
                                      aux_losses)
@@ -229,8 +217,11 @@ def summary_lines(result: dict, workdir: str) -> list[str]:
           "larger --config.num_steps to train on"]
 
 
-def _log(pending: list, writer: metrics_lib.MetricsWriter, params: int, peak) -> dict:
-  """Fetches the metrics of the steps since the last log; stops on a non-finite loss."""
+def _log(pending: list, writer: metrics_lib.MetricsWriter | None, params: int, peak) -> dict:
+  """Fetches the metrics of the steps since the last log; stops on a non-finite loss.
+
+  Writes the latest step's row (and moves the bar) unless `writer` is None.
+  """
   fetched = [(s, jax.device_get(m)) for s, m in pending]
   for s, m in fetched:
     if not np.isfinite(m["loss"]):
@@ -239,6 +230,8 @@ def _log(pending: list, writer: metrics_lib.MetricsWriter, params: int, peak) ->
   step, latest = fetched[-1]
   tokens = float(sum(m["tokens"] for _, m in fetched))
   scalars = {k: float(v) for k, v in latest.items() if k != "tokens"}
+  if writer is None:
+    return scalars
   scalars.update(writer.rates(step, tokens))
   if peak is not None:  # 6 N FLOPs per token (forward + backward), per device
     scalars["mfu"] = 6 * params * scalars["tokens_per_s"] / (peak * jax.device_count())

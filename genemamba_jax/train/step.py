@@ -1,10 +1,4 @@
-"""The jitted training and evaluation steps, over split NNX state.
-
-The model is split once into a static `graphdef` and its parameters; a step
-merges them inside `jax.jit`, so parameters, optimizer state and batches can
-carry `NamedSharding`s (data parallel, FSDP, tensor parallel) and the state is
-donated. Train state: {"params", "opt_state", "step", "rng"}.
-"""
+"""Pretraining's loss for the training core (train/state.py) and its evaluation step."""
 
 from __future__ import annotations
 
@@ -12,47 +6,44 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from genemamba_jax.train import objectives
 
 
-def init_state(model, tx: optax.GradientTransformation, seed: int) -> dict:
-  """The train state of a freshly built model."""
-  params = nnx.state(model, nnx.Param)
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "rng": jax.random.key_data(jax.random.key(seed))}
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
-                    objective: objectives.ObjectiveConfig, accumulate_steps: int = 1) -> Callable:
-  """(state, batch, aux_losses) -> (state, metrics); one optimizer update (or accumulation step).
+def pretraining_loss(objective: objectives.ObjectiveConfig) -> Callable:
+  """loss_fn(model, batch, rng, aux_losses) for `TrainCore`: the objective (+ auxiliary losses).
 
   `aux_losses` (a tuple of auxiliary-loss pytrees such as PathwayLoss and
-  CoexpressionLoss, see `objectives.loss_fn`) is an argument, not a closure, so
+  CoexpressionLoss, see `objectives.loss_fn`) is the step's `extra` argument, so
   their gene-set and gene-pair arrays are inputs of the compiled step rather
-  than constants.
+  than constants. Metrics add "tokens" (valid tokens of the batch) and
+  "batch_checksum" (to check resumes).
   """
 
-  def train_step(state: dict, batch: dict, aux_losses=()) -> tuple[dict, dict]:
-    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-    step_rng = jax.random.fold_in(step_rng, jax.process_index())
+  def loss_fn(model, batch: dict, rng: jax.Array, aux_losses=()):
+    loss, metrics = objectives.loss_fn(model, batch, rng, objective, aux_losses)
+    return loss, dict(metrics, tokens=jnp.sum(batch["mask"]),
+                      batch_checksum=_checksum(batch["tokens"]))
 
-    def loss(params):
-      model = nnx.merge(graphdef, params)
-      return objectives.loss_fn(model, batch, step_rng, objective, aux_losses)
+  return loss_fn
 
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"] // accumulate_steps),
-                   tokens=jnp.sum(batch["mask"]), batch_checksum=_checksum(batch["tokens"]))
-    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": jax.random.key_data(rng)}
-    return new_state, metrics
 
-  return train_step
+def pretraining_core(config, objective: objectives.ObjectiveConfig, optimizer_cfg,
+                     num_steps: int, mesh, seed: int = 0):
+  """The training core (train/state.py) of a GeneMamba pretrained with `objective`.
+
+  `optimizer_cfg` is the config's `optimizer` section; the schedule spans
+  `num_steps` optimizer updates. The training loop, the benchmarks and the tests
+  all build their step here.
+  """
+  from genemamba_jax.model import GeneMamba  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.train import optimizer, state  # pylint: disable=g-import-not-at-top
+  return state.TrainCore.create(
+      lambda: GeneMamba(config, rngs=nnx.Rngs(seed)),
+      optimizer.make_optimizer(optimizer_cfg, num_steps), pretraining_loss(objective), mesh,
+      seed, schedule=optimizer.learning_rate(optimizer_cfg, num_steps),
+      accumulate_steps=optimizer_cfg.accumulate_steps)
 
 
 def make_eval_step(graphdef, objective: objectives.ObjectiveConfig) -> Callable:
