@@ -50,9 +50,8 @@ class GeneDigests:
   Genes with at most `compression` values are kept exactly; larger ones as
   merging digests (at most ~0.83 * compression centroids, plus exact runs of
   tied values; see `tdigest_kernels`). Medians match numpy's exactly while
-  the values next to the median are kept singly, and within ~0.3% beyond
-  (see bench/RESULTS.md). Values are stored as float32 (relative rounding
-  6e-8). Not thread-safe; merge per-process digests instead.
+  the values next to the median are kept singly, and close beyond (see
+  bench/RESULTS.md, "Gene medians"). Values are stored as float32. Not thread-safe; merge per-process digests instead.
   """
 
   def __init__(self, compression: float = 200.0, *,
@@ -230,12 +229,12 @@ class GeneDigests:
     return out
 
   # ------------------------------------------------------------------- I/O
-  def save(self, path) -> None:
-    """Writes the JSON file (format in the module docstring) atomically."""
-    path = Path(path)
-    jsonio.write_json_atomic(path, {"format": FORMAT, "version": VERSION,
-                                    "compression": self.compression,
-                                    "digests": self.digest_dicts()}, compact=True)
+  def save(self, path, atomic: bool = True) -> None:
+    """Writes the JSON file (format in the module docstring), atomically unless `atomic` is
+    False (for a temporary path that is renamed as part of a group: atomic.atomic_paths)."""
+    write = jsonio.write_json_atomic if atomic else jsonio.write_json
+    write(Path(path), {"format": FORMAT, "version": VERSION, "compression": self.compression,
+                       "digests": self.digest_dicts()}, compact=True)
 
   @classmethod
   def load(cls, path) -> "GeneDigests":

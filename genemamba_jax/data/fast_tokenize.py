@@ -2,7 +2,7 @@
 
 `rank_tokenize` does, row by row, what `qc.GeneMapper` + `qc.normalize_chunk` +
 `ranking.rank_genes` + the token lookup do chunk-wide in numpy, with the same
-result token for token (tie order included), ~5x faster and without the
+result token for token (tie order included), faster (bench/RESULTS.md) and without the
 chunk-wide temporaries. Per row:
 
   1. total = float64 sum of all entries of the row (mapped or not);
@@ -23,7 +23,7 @@ chunk-wide temporaries. Per row:
 Compiling takes ~7 s for the first (data, indices) dtype pair and ~2 s for
 each further one on a slow CPU. numba caches the code on disk (the package's
 __pycache__, else ~/.cache/numba or $NUMBA_CACHE_DIR; with nothing writable it
-silently compiles once per process); loading it takes < 0.5 s. Call `warm_up()`
+silently compiles once per process); loading it is quick. Call `warm_up()`
 at start-up so that the first chunk is not the slow one.
 """
 

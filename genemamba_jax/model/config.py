@@ -76,9 +76,8 @@ class GeneMambaConfig:
   # rest. The default policy keeps the mixer's in_proj output and scan output ([B, L, ~3
   # d_inner] per direction) and recomputes the conv, activations, gating and norms, which is
   # also the fastest choice under the layer scan: XLA copies every kept activation into stacked
-  # [n_layers, ...] buffers, and keeping everything (remat=False) copies ~6x more. Measured on
-  # CPU, 4 layers: +20-30% (Mamba-2) and +5-10% (Mamba-1) tokens/s over remat=False, and half
-  # the planned memory (bench/RESULTS.md). nothing_saveable recomputes whole layers (least
+  # [n_layers, ...] buffers, and keeping everything (remat=False) copies several times more
+  # (bench/RESULTS.md, train step by variant). nothing_saveable recomputes whole layers (least
   # memory); everything_saveable / remat=False keeps everything.
   remat: bool = True
   remat_policy: str = "in_proj_and_scan_saveable"  # one of REMAT_POLICIES

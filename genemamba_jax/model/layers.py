@@ -1,10 +1,10 @@
 """Small pieces shared by the Mamba mixers: PyTorch-like inits, projections,
 the causal depthwise conv, the gated RMSNorm and the step-size init.
 
-Every parameter carries logical axis names (`out_sharding` metadata, flax
-0.12's spelling) for later sharding rules. `eager_sharding=False` keeps them
-as names only: flax 0.12 otherwise shards a variable at creation and then
-demands a mesh, so a mixer could not be built on one CPU device. The trainer
+Every parameter carries logical axis names (`out_sharding` metadata) for later
+sharding rules. `eager_sharding=False` keeps them as names only: flax would
+otherwise shard a variable at creation and then demand a mesh, so a mixer could
+not be built on one CPU device. The trainer
 turns names into shardings (`nnx.get_partition_spec` + logical axis rules).
 """
 
@@ -63,8 +63,8 @@ def unfused_copy(a: jax.Array) -> jax.Array:
   Why: under the layer scan, XLA takes each layer's parameters out of the stacked
   [n_layers, ...] arrays with dynamic slices and fuses those into the elementwise loops
   that read them. For the causal conv's taps (static slices of that dynamic slice) the
-  fused conv + silu loop then ran ~6x slower on CPU (9.7 vs 1.7 ms at [16, 512, 384]) and
-  the whole Mamba-2 train step ~15% slower (bench/RESULTS.md). XLA does not fuse a matmul
+  fused conv + silu loop then ran several times slower on CPU, and with it the whole
+  Mamba-2 train step (bench/NOTES.md, fourth pass). XLA does not fuse a matmul
   into an elementwise loop (and drops `optimization_barrier`s before fusing), so a matmul
   by the identity gives the taps their own buffer. HIGHEST precision keeps the product
   exact on every backend (1 * x + 0 * y, no TF32 or bf16 passes).
@@ -82,9 +82,9 @@ class CausalConv1d(nnx.Module):
 
   Computed as K shifted multiply-adds rather than a grouped convolution:
   XLA fuses them into one pass, where its CPU grouped convolution (and its
-  gradient) ran ~25x slower at these sizes; and under some meshes (batch split
-  over part of the mesh, channels not split) XLA returned the grouped conv's
-  kernel gradient multiplied by a mesh-axis size (seen with jax 0.10.2). Do
+  gradient) ran an order of magnitude slower at these sizes; and under some meshes
+  (batch split over part of the mesh, channels not split) XLA returned the grouped
+  conv's kernel gradient multiplied by a mesh-axis size. Do
   not switch back to `feature_group_count` without re-running
   tests/test_sharding.py.
   """

@@ -6,14 +6,14 @@ Same recurrence and contract as the backends in `selective_scan.py`:
   y_t = h_t @ C_t
 
 Why a kernel on CPU: XLA:CPU runs the recurrence as a while loop of separate
-fusions over [batch, d, N] per time step. The forward is fine (~2 ns per state
-update), but its autodiff backward stores and reloads per-step residuals and
-reduces over d and N in YNNPACK fusions at ~13 ns per update: ~85% of a
-Mamba-1 train step (bench/RESULTS.md). Here LANES neighbouring channels of a
+fusions over [batch, d, N] per time step. The forward is fine, but its autodiff
+backward stores and reloads per-step residuals and reduces over d and N in
+small fusions, most of a Mamba-1 train step (bench/NOTES.md). Here LANES
+neighbouring channels of a
 batch element are one vector: their [N, LANES] state stays in L1, a step's
 exps and updates are LANES-wide vector ops per state row (with no horizontal
 sums in the forward), and the (batch, channel block) items are spread over the
-cores. Vectorising over channels rather than over N measured 1.6-2x faster:
+cores. Vectorising over channels rather than over N measured faster (bench/NOTES.md):
 channels are contiguous in [b, L, d] and need no reductions; N is short.
 
 Forward (`_forward`): parallel over (batch, block of LANES channels). Writes y
@@ -38,9 +38,8 @@ on the arrays' own [b, L, d] layout (no transposes around the call).
 
 Threads: unless NUMBA_THREADING_LAYER says otherwise, numba's `workqueue` pool
 is used. With the OpenMP pool (numba's first choice where libgomp loads), idle
-workers spin after each call and take the cores from XLA's ops in between:
-measured 2,100 vs 2,400 tokens/s for a Mamba-1 train step on 2 cores; the
-workqueue pool is also fork-safe (Grain's worker processes fork). It may not be
+workers spin after each call and take the cores from XLA's ops in between (a
+slower Mamba-1 train step, bench/NOTES.md); the workqueue pool is also fork-safe (Grain's worker processes fork). It may not be
 entered from two threads at once, and XLA may run independent callbacks
 concurrently, so calls are serialised by a lock.
 """

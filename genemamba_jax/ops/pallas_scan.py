@@ -19,8 +19,8 @@ dC per channel block; those partials are summed outside the kernel. No
 [b, L, d, N] tensor exists in either pass: memory is the inputs, the
 boundary states and the b * d * chunk * N workspace.
 
-Lowering: jax 0.10.2 lowers `pl.pallas_call` on GPU to Mosaic GPU by default
-(`jax_pallas_use_mosaic_gpu` defaults to True, Hopper only); passing
+Lowering: jax lowers `pl.pallas_call` on GPU to Mosaic GPU by default
+(`jax_pallas_use_mosaic_gpu`, Hopper only); passing
 `jax.experimental.pallas.triton.CompilerParams` selects the Triton lowering,
 which covers Ampere and Hopper (and ROCm). Triton wants power-of-2 sizes for
 every load/store, so block_d must be a power of 2 and N is zero-padded to one.

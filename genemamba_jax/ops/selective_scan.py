@@ -18,13 +18,13 @@ with the state h: [batch, d, N] in float32:
                activations instead of a [batch, L, d, N] tensor.
 
 The scan inside a chunk is sequential on CPU, where a step is cheap and the
-associative scan's extra passes over [batch, T, d, N] cost ~3.5x fwd+bwd time
-(bench/RESULTS.md), and associative elsewhere, where log-depth parallelism
+associative scan's extra passes over [batch, T, d, N] cost more than they save
+(bench/RESULTS.md, "Selective scan backends"), and associative elsewhere, where log-depth parallelism
 pays. `INNER_SCAN` holds that choice per platform.
 
 Two kernels compute the same with the same memory bound as `chunked`: `pallas`
-(GPU, `pallas_scan.py`) and `numba` (CPU, `cpu_scan.py`: 3.2-3.4x `chunked` for
-forward+backward, whose autodiff'ed while loop is the bottleneck on CPU).
+(GPU, `pallas_scan.py`) and `numba` (CPU, `cpu_scan.py`: faster than `chunked` for
+forward+backward, whose autodiff'ed while loop is the bottleneck on CPU; bench/RESULTS.md).
 `auto` picks pallas on GPU, numba on CPU and chunked on TPU.
 """
 
@@ -140,9 +140,8 @@ def _numba(x, dt, A, B, C, chunk_size):
 
 
 def _auto(x, dt, A, B, C, chunk_size):
-  """GPU: the Pallas kernel. CPU: the numba kernels, 4x the fastest XLA backend for
-  training there (forward+backward, bench/RESULTS.md). TPU: `chunked`. All with bounded
-  memory."""
+  """GPU: the Pallas kernel. CPU: the numba kernels, the fastest for training there
+  (bench/RESULTS.md). TPU: `chunked`. All with bounded memory."""
   platform = jax.default_backend()
   if platform in ("gpu", "cuda", "rocm"):
     return _pallas(x, dt, A, B, C, chunk_size)

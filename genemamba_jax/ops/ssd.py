@@ -67,7 +67,7 @@ def _cumsum_over_time(a):
   """Inclusive cumulative sum over axis 1 of a [b, T, H], as a matmul with a triangular matrix.
 
   XLA:CPU lowers `jnp.cumsum` to a reduce-window, O(T^2) scalar work per row
-  that profiled at ~5% of a train step; a [T, T] matmul runs on the matmul
+  that showed in the train step's profile (bench/NOTES.md); a [T, T] matmul runs on the matmul
   library instead. HIGHEST precision keeps it float32-exact on GPUs (no TF32).
   """
   t = a.shape[1]
@@ -121,7 +121,7 @@ def _chunked(x, dt, A, B, C, chunk_size):
     cb = jnp.einsum("blgn,bsgn->bgls", c_c, b_c)  # [b, G, T, T]
     # One copy of C B^T per head of the group, by concatenation rather than broadcasting:
     # the backward of a broadcast is a reduce over the head axis, which XLA:CPU's fused
-    # reduce ran at a fraction of memory speed (~13% of a mixer's fwd+bwd); a
+    # reduce ran at a fraction of memory speed (bench/NOTES.md); a
     # concatenation's backward is slices and adds.
     cb = jnp.concatenate([cb[:, :, None]] * k, axis=2)  # [b, G, K, T, T]
     y_diag = jnp.einsum("bgkls,bsgkp->blgkp", cb * decay_ls, xdt)
