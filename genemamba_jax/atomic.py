@@ -6,27 +6,90 @@ half-written file, and a writer that fails leaves no file behind:
   with atomic_path(out_dir / "cells.h5ad") as tmp:
     adata.write_h5ad(tmp)
 
+An output made of several files is written with `atomic_paths`: all of them
+are renamed into place when the block succeeds, none when it fails.
+
 The temporary name lives in the target's directory (os.replace is atomic only
-within one file system), starts with a dot (hidden from shell globs) and keeps
-the target's suffix, so writers that pick the format from it (AnnData,
-matplotlib, pandas) still work and numpy's np.save / np.savez, which append
-.npy / .npz to a name without it, write exactly the temporary name.
+within one file system), starts with a dot (hidden from shell globs), carries
+the writer's process id and keeps the target's suffix, so writers that pick the
+format from it (AnnData, matplotlib, pandas) still work and numpy's np.save /
+np.savez, which append .npy / .npz to a name without it, write exactly the
+temporary name: `dir/.<stem>.<pid>-<random>.tmp<suffix>`.
+
+A process killed mid-write (kill -9, out of memory, power loss) cannot remove
+its temporary file; the next atomic write of the same target removes it (and
+any other temporary of that target whose writer no longer runs on this host),
+so a re-run of the command leaves no debris.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
 def temp_sibling(path: str | os.PathLike) -> Path:
-  """A fresh hidden name beside `path` with the same suffix: dir/.<stem>.<random>.tmp<suffix>."""
+  """A fresh hidden name beside `path`, same suffix: dir/.<stem>.<pid>-<random>.tmp<suffix>."""
   path = Path(path)
-  return path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
+  return path.with_name(f".{path.stem}.{_token()}.tmp{path.suffix}")
+
+
+def _token() -> str:
+  return f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _writer_is_gone(token: str) -> bool:
+  """Whether the process that made a temporary name (`<pid>-<hex>`) no longer runs here.
+
+  Only those temporaries are removed: one a running process is writing (another
+  run of the same command, a demo preparation in a second terminal) is left alone.
+  Names without a pid (written before names carried one) count as gone.
+  """
+  pid = token.partition("-")[0] if "-" in token else ""
+  if not pid:
+    return True
+  if int(pid) == os.getpid():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # another user's process: it runs
+    return False
+  return False
+
+
+_TOKEN = r"(?:\d+-)?[0-9a-f]{32}"
+
+
+def remove_stale_temps(path: str | os.PathLike, directory: bool = False) -> None:
+  """Removes the temporaries of `path` (a file, or with `directory` an `atomic_dir`) that a
+  writer which no longer runs left behind (a killed process)."""
+  path = Path(path)
+  if directory:
+    pattern = re.compile(re.escape(f".{path.name}.") + f"({_TOKEN})" + re.escape(".tmp"))
+  else:
+    pattern = re.compile(re.escape(f".{path.stem}.") + f"({_TOKEN})"
+                         + re.escape(f".tmp{path.suffix}"))
+  try:
+    names = os.listdir(path.parent)
+  except OSError:  # no parent directory yet: nothing stale either
+    return
+  for name in names:
+    match = pattern.fullmatch(name)
+    if match is None or not _writer_is_gone(match.group(1)):
+      continue
+    stale = path.parent / name
+    if stale.is_dir() and not stale.is_symlink():
+      shutil.rmtree(stale, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        stale.unlink()
 
 
 @contextlib.contextmanager
@@ -36,7 +99,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
   The temporary file is not created in advance: the writer creates it, so it
   gets the usual (umask) permissions. If the block raises, or the rename fails,
   the temporary file is removed and an existing `path` is left untouched.
-  Parent directories are not created; make them first.
+  Temporaries of `path` left by killed writers are removed first. Parent
+  directories are not created; make them first (or use `atomic_paths`).
 
   Args:
     path: the file to (re)place.
@@ -50,20 +114,62 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     FileNotFoundError: the block succeeded but wrote nothing at the temporary
       path (for instance np.save given a name whose suffix is not .npy).
   """
-  path = Path(path)
-  tmp = temp_sibling(path)
-  try:
+  with atomic_paths([path], fsync=fsync, make_parents=False) as (tmp,):
     yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], fsync: bool = False,
+                 make_parents: bool = True) -> Iterator[list[Path]]:
+  """`atomic_path` for an output made of several files: all or none of them are replaced.
+
+  Yields one temporary path per target (as `atomic_path` does); when the block
+  succeeds they are renamed over their targets, in order; when it fails (an
+  error, a full disk, Ctrl-C, SIGTERM) every temporary is removed and every
+  target keeps its old content, so no output is left half old, half new. Only
+  a process killed during the final renames (microseconds, and renames need no
+  space) could leave some targets new and others old.
+
+  Args:
+    paths: the files to (re)place.
+    fsync: flush each temporary file before the renames.
+    make_parents: create missing parent directories; those it created are
+      removed again when the block fails (and they are still empty).
+
+  Raises:
+    FileNotFoundError: the block succeeded but did not write every temporary path.
+  """
+  paths = [Path(p) for p in paths]
+  created = []
+  if make_parents:
+    for parent in dict.fromkeys(p.parent for p in paths):
+      missing = [d for d in (parent, *parent.parents) if not d.exists()]
+      parent.mkdir(parents=True, exist_ok=True)
+      created.extend(missing)  # deepest first
+  for path in paths:
+    remove_stale_temps(path)
+  temps = [temp_sibling(p) for p in paths]
+  try:
+    yield temps
+    for tmp in temps:
+      if not tmp.exists():
+        raise FileNotFoundError(f"{tmp}: the writer wrote nothing here")
     if fsync:
-      fd = os.open(tmp, os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    os.replace(tmp, path)
+      for tmp in temps:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+          os.fsync(fd)
+        finally:
+          os.close(fd)
+    for tmp, path in zip(temps, paths):
+      os.replace(tmp, path)
   except BaseException:
-    with contextlib.suppress(OSError):  # keep the original error
-      tmp.unlink(missing_ok=True)
+    for tmp in temps:
+      with contextlib.suppress(OSError):  # keep the original error
+        tmp.unlink(missing_ok=True)
+    for folder in created:
+      with contextlib.suppress(OSError):  # not empty: written by someone else, kept
+        folder.rmdir()
     raise
 
 
@@ -80,16 +186,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
   Readers never see a half-written `path`: it appears complete or not at all.
   `path` must not exist, or be an empty directory (replaced); otherwise
   FileExistsError. If the block raises, the temporary directory is removed. A
-  process killed mid-block leaves only a hidden `.<name>.<random>.tmp`
-  sibling, which nothing reads and the next `atomic_dir` on `path` removes.
+  process killed mid-block leaves only a hidden `.<name>.<pid>-<random>.tmp`
+  sibling, which nothing reads and the next `atomic_dir` on `path` removes
+  (unless its process still runs: a second run into the same `path` does not
+  pull the first one's directory from under it).
   """
   path = Path(path)
   if path.exists() and not (path.is_dir() and not any(path.iterdir())):
     raise FileExistsError(f"{path} exists")
   path.parent.mkdir(parents=True, exist_ok=True)
-  for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier run
-    shutil.rmtree(stale, ignore_errors=True)
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  remove_stale_temps(path, directory=True)  # left by a killed earlier run
+  tmp = path.with_name(f".{path.name}.{_token()}.tmp")
   tmp.mkdir()
   try:
     yield tmp

@@ -81,3 +81,67 @@ def test_json_output_unchanged(tmp_path):
   assert target.read_text() == json.dumps({"k": [1, 2]}, indent=1) + "\n"
   jsonio.write_json_atomic(target, {"k": [1, 2]}, compact=True)
   assert target.read_text() == '{"k":[1,2]}\n'
+
+
+# --- what a killed writer leaves, and outputs of several files ----------------------------------
+
+
+def _dead_pid() -> int:
+  """The pid of a process that has ended (and been reaped)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  process = subprocess.Popen([sys.executable, "-c", "pass"])
+  process.wait()
+  return process.pid
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  target = tmp_path / "metrics.csv"
+  dead, hexa = _dead_pid(), "0" * 32
+  stale = [tmp_path / f".metrics.{dead}-{hexa}.tmp.csv",  # a writer killed mid-write
+           tmp_path / f".metrics.{hexa}.tmp.csv"]  # a name from before names carried the pid
+  live = tmp_path / f".metrics.{os.getppid()}-{hexa}.tmp.csv"  # a writer that still runs
+  other = tmp_path / f".metrics.x.{dead}-{hexa}.tmp.csv"  # metrics.x.csv's, not ours
+  for path in (*stale, live, other):
+    path.write_text("half")
+  atomic.write_bytes_atomic(target, b"new")
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      [target.name, live.name, other.name])
+
+
+def test_several_files_are_replaced_together_or_not_at_all(tmp_path):
+  a, b = tmp_path / "a.csv", tmp_path / "b.json"
+  a.write_text("old a")
+  with pytest.raises(OSError), atomic.atomic_paths([a, b]) as (ta, tb):
+    ta.write_text("new a")
+    tb.write_text("new b")
+    raise OSError(28, "No space left on device")  # say, while writing a third file
+  assert a.read_text() == "old a" and not b.exists()
+  assert sorted(tmp_path.iterdir()) == [a]
+  with atomic.atomic_paths([a, b]) as (ta, tb):
+    ta.write_text("new a")
+    tb.write_text("new b")
+  assert (a.read_text(), b.read_text()) == ("new a", "new b")
+  assert sorted(tmp_path.iterdir()) == [a, b]
+
+
+def test_created_folders_are_removed_when_the_write_fails(tmp_path):
+  out = tmp_path / "new" / "out"
+  with pytest.raises(KeyboardInterrupt), atomic.atomic_paths([out / "x.csv"]) as (tmp,):
+    assert out.is_dir()
+    tmp.write_text("half")
+    raise KeyboardInterrupt
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_removes_a_killed_runs_directory_but_not_a_running_ones(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  hexa = "0" * 32
+  dead = tmp_path / f".run.{_dead_pid()}-{hexa}.tmp"
+  live = tmp_path / f".run.{os.getppid()}-{hexa}.tmp"
+  for folder in (dead, live):
+    (folder / "checkpoints").mkdir(parents=True)
+  with atomic.atomic_dir(tmp_path / "run") as tmp:
+    (tmp / "metrics.json").write_text("{}")
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", live.name])

@@ -17,7 +17,14 @@ def write_json_atomic(path: str | Path, obj: Any, default=None, compact: bool = 
   Written through atomic.atomic_path (temp file beside `path`, renamed over
   it) and fsynced before the rename.
   """
-  with atomic_path(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+  with atomic_path(path, fsync=True) as tmp:
+    write_json(tmp, obj, default, compact)
+
+
+def write_json(path: str | Path, obj: Any, default=None, compact: bool = False) -> None:
+  """Writes `obj` as JSON to `path` as it is (not atomically: for a temporary path, e.g. one
+  of atomic.atomic_paths'); same format as `write_json_atomic`."""
+  with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=None if compact else 1, allow_nan=False, default=default,
               separators=(",", ":") if compact else None)
     f.write("\n")
