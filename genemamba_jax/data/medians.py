@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -119,10 +120,10 @@ def write_vocab_dir(digests: GeneDigests, out_dir: str | os.PathLike, info: dict
   if not medians:
     raise DataError(f"{out_dir}: no gene was seen expressed; nothing to write")
   vocab = vocab_lib.Vocab.from_genes(sorted(medians))
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  digests.save(out_dir / DIGESTS_FILE)
-  vocab_lib.save_vocab_dir(out_dir, vocab, medians, info)
+  # One group with the vocabulary files: the directory gets all four or keeps what it had.
+  save_digests = functools.partial(digests.save, atomic=False)
+  vocab_lib.save_vocab_dir(Path(out_dir), vocab, medians, info,
+                           extra_files={DIGESTS_FILE: save_digests})
   return vocab, medians
 
 

@@ -13,12 +13,13 @@ A vocabulary directory holds:
 
 import collections
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from genemamba_jax.atomic import atomic_paths
 from genemamba_jax.data import genes, jsonio
 from genemamba_jax.data import safe_pickle
 from genemamba_jax.data.errors import DataError
@@ -203,21 +204,29 @@ def _check_medians(vocab: Vocab, medians: Mapping[str, Any],
 
 def save_vocab_dir(out_dir: str | Path, vocab: Vocab,
                    medians: Mapping[str, float],
-                   extra_info: Mapping[str, Any] | None = None) -> None:
+                   extra_info: Mapping[str, Any] | None = None,
+                   extra_files: Mapping[str, Callable[[Path], None]] | None = None) -> None:
   """Writes `vocab`, the medians of its genes and `extra_info` to `out_dir`.
 
-  Medians of genes not in `vocab` are not written. Each file is replaced
-  atomically (temp file in `out_dir` + os.replace).
+  Medians of genes not in `vocab` are not written. The files are replaced
+  together (atomic.atomic_paths): a failed, interrupted or out-of-space write
+  leaves the directory's old files, never a new vocab.json beside old medians
+  (and a missing `out_dir` is created, or not left behind). `extra_files`
+  ({file name: writer(path)}, e.g. the digests of `prepare medians`) are
+  written in the same group.
 
   Raises:
     DataError: a gene token has no median, or a median is not finite and > 0.
   """
   out_dir = Path(out_dir)
   checked = _check_medians(vocab, medians, f"medians for {out_dir}")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  jsonio.write_json_atomic(out_dir / VOCAB_FILE, vocab.token_to_id)
-  jsonio.write_json_atomic(out_dir / MEDIANS_FILE, checked)
-  jsonio.write_json_atomic(out_dir / INFO_FILE, dict(extra_info or {}))
+  writers = {VOCAB_FILE: lambda path: jsonio.write_json(path, vocab.token_to_id),
+             MEDIANS_FILE: lambda path: jsonio.write_json(path, checked),
+             INFO_FILE: lambda path: jsonio.write_json(path, dict(extra_info or {})),
+             **(extra_files or {})}
+  with atomic_paths([out_dir / name for name in writers], fsync=True) as temps:
+    for write, tmp in zip(writers.values(), temps):
+      write(tmp)
 
 
 def load_vocab_dir(
