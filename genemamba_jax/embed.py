@@ -28,7 +28,7 @@ import numpy as np
 
 from genemamba_jax import cli, inference
 from genemamba_jax import pretrained as pretrained_lib
-from genemamba_jax.atomic import atomic_path
+from genemamba_jax.atomic import atomic_paths
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data.errors import DataError
 from genemamba_jax.data.readers import open_source
@@ -99,42 +99,62 @@ def embed_file(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *,
 
 
 def write_output(result: EmbedResult, output: str | os.PathLike, input_path=None,
-                 layer_note: str = "") -> None:
-  """Writes the cell embeddings to .h5ad (copy of the input + obsm), .npy or .npz, atomically."""
+                 layer_note: str = "", genes_output: str | os.PathLike | None = None) -> None:
+  """Writes the cell embeddings to .h5ad (copy of the input + obsm), .npy or .npz, atomically.
+
+  With `genes_output`, the gene embeddings too (`write_genes`): both files are
+  replaced together (atomic.atomic_paths), so a failed or interrupted run never
+  leaves new cell embeddings beside old gene embeddings, or one without the other.
+  """
   output = Path(output)
-  output.parent.mkdir(parents=True, exist_ok=True)
+  if output.suffix not in (".h5ad", ".npy", ".npz"):
+    raise DataError(f"{output}: unsupported output; name it .h5ad, .npy or .npz")
+  paths = [output]
+  if genes_output is not None:
+    paths.append(_genes_path(genes_output))
+  with atomic_paths(paths) as temps:
+    _write_cells(result, output.suffix, temps[0], input_path, layer_note)
+    if genes_output is not None:
+      _write_genes(result, temps[1])
+
+
+def _write_cells(result: EmbedResult, suffix: str, tmp: Path, input_path, layer_note: str) -> None:
   first = next(iter(result.cells))
-  with atomic_path(output) as tmp:
-    if output.suffix == ".npy":
-      np.save(tmp, result.cells[first])
-    elif output.suffix == ".npz":
-      np.savez(tmp, obs_names=result.obs_names, **result.cells)
-    elif output.suffix == ".h5ad":
-      import anndata  # pylint: disable=g-import-not-at-top
-      adata = anndata.read_h5ad(input_path)
-      if list(adata.obs_names) != list(result.obs_names):
-        raise DataError(f"{input_path}: its cells changed while embedding; run again")
-      for i, (pooling, matrix) in enumerate(result.cells.items()):
-        adata.obsm[OBSM_KEY if i == 0 else f"{OBSM_KEY}_{pooling}"] = matrix
-      adata.uns["genemamba"] = {"pooling": first, "poolings": list(result.cells),
-                                "note": layer_note}
-      adata.write_h5ad(tmp)
-    else:
-      raise DataError(f"{output}: unsupported output; name it .h5ad, .npy or .npz")
+  if suffix == ".npy":
+    np.save(tmp, result.cells[first])
+  elif suffix == ".npz":
+    np.savez(tmp, obs_names=result.obs_names, **result.cells)
+  else:
+    import anndata  # pylint: disable=g-import-not-at-top
+    adata = anndata.read_h5ad(input_path)
+    if list(adata.obs_names) != list(result.obs_names):
+      raise DataError(f"{input_path}: its cells changed while embedding; run again")
+    for i, (pooling, matrix) in enumerate(result.cells.items()):
+      adata.obsm[OBSM_KEY if i == 0 else f"{OBSM_KEY}_{pooling}"] = matrix
+    adata.uns["genemamba"] = {"pooling": first, "poolings": list(result.cells),
+                              "note": layer_note}
+    adata.write_h5ad(tmp)
+
+
+def _genes_path(path: str | os.PathLike) -> Path:
+  path = Path(path)
+  if path.suffix != ".npz":
+    raise DataError(f"{path}: gene embeddings are written as .npz; name it GENES.npz")
+  return path
 
 
 def write_genes(result: EmbedResult, path: str | os.PathLike) -> None:
   """gene embeddings -> .npz: gene_ids, input [, context_gene_ids, context, context_counts]."""
-  path = Path(path)
-  if path.suffix != ".npz":
-    raise DataError(f"{path}: gene embeddings are written as .npz; name it GENES.npz")
-  path.parent.mkdir(parents=True, exist_ok=True)
+  with atomic_paths([_genes_path(path)]) as (tmp,):
+    _write_genes(result, tmp)
+
+
+def _write_genes(result: EmbedResult, tmp: Path) -> None:
   arrays = {"gene_ids": result.gene_ids, "input": result.gene_input}
   if result.gene_context is not None:
     arrays.update(context_gene_ids=result.context_gene_ids, context=result.gene_context,
                   context_counts=result.gene_context_counts)
-  with atomic_path(path) as tmp:
-    np.savez(tmp, **arrays)
+  np.savez(tmp, **arrays)
 
 
 def _run(args: argparse.Namespace) -> list[str]:
@@ -146,6 +166,8 @@ def _run(args: argparse.Namespace) -> list[str]:
   if suffix == ".h5ad" and Path(args.input).suffix != ".h5ad":
     raise DataError(f"--output {args.output}: an .h5ad output copies the input, which must be "
                     f".h5ad too; write .npy or .npz for {args.input}")
+  if args.genes_output:
+    _genes_path(args.genes_output)  # checked before the work, not after the cells are written
   model = pretrained_lib.load_pretrained(args.checkpoint)
   poolings = (("cls", "mean") if args.pooling == "both"
               else (args.pooling or default_pooling(model),))
@@ -154,9 +176,8 @@ def _run(args: argparse.Namespace) -> list[str]:
       model, source, poolings=poolings, batch_size=args.batch_size, max_len=args.max_len,
       gene_context=args.genes_output is not None,
       gene_map=genes_lib.load_gene_map(args.gene_map) if args.gene_map else None)
-  write_output(result, args.output, args.input, f"checkpoint {model.checkpoint.step_dir}")
-  if args.genes_output:
-    write_genes(result, args.genes_output)
+  write_output(result, args.output, args.input, f"checkpoint {model.checkpoint.step_dir}",
+               genes_output=args.genes_output)
   shape = result.cells[poolings[0]].shape
   return [f"wrote {shape[0]} cells x {shape[1]} ({', '.join(poolings)} pooling) to {args.output}"
           + (f"; gene embeddings to {args.genes_output}" if args.genes_output else "")]

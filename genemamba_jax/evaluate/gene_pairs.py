@@ -17,10 +17,10 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 from sklearn.metrics import roc_auc_score
 
-from genemamba_jax.atomic import atomic_path, write_bytes_atomic
+from genemamba_jax.atomic import atomic_path, atomic_paths
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data.errors import DataError
-from genemamba_jax.data.jsonio import write_json_atomic
+from genemamba_jax.data.jsonio import write_json
 
 # Added to every histogram bin so KL stays finite where the negative
 # histogram is empty; small enough not to move non-degenerate values.
@@ -237,14 +237,14 @@ def run_gene_pairs(gene_names, embeddings, pairs_dir, out_dir, *, split="test", 
         f"matched (case-sensitive). Pair-file symbols look like {list(pair_genes[:5])}, "
         f"gene_names like {names[:5]}")
   table, sims = _benchmark(names, embeddings, pairs, seed, metric)
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  csv, json_file, png = output_files(out_dir)
-  write_bytes_atomic(csv, table.to_csv(index_label="method").encode("utf-8"))
   # pandas writes NaN as null (JSON has no NaN) and pairs_used as an int.
   results = json.loads(table.to_json(orient="index", double_precision=15))
-  write_json_atomic(json_file, {
-      "split": split, "metric": metric, "seed": seed, "pairs_total": len(pairs),
-      "positive_covered": n_pos, "negative_covered": n_neg, "results": results})
-  plot_similarity_distributions(sims, png, metric, table)
+  fig = similarity_figure(sims, metric, table)
+  # The files replace the folder's old ones together, or not at all (a full disk, Ctrl-C).
+  with atomic_paths(output_files(out_dir)) as (csv, json_file, png):
+    csv.write_bytes(table.to_csv(index_label="method").encode("utf-8"))
+    write_json(json_file, {
+        "split": split, "metric": metric, "seed": seed, "pairs_total": len(pairs),
+        "positive_covered": n_pos, "negative_covered": n_neg, "results": results})
+    fig.savefig(png, format="png", dpi=100)
   return table

@@ -23,9 +23,9 @@ from scib_metrics.nearest_neighbors import jax_approx_min_k
 from scib_metrics.utils import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from genemamba_jax.atomic import atomic_path
+from genemamba_jax.atomic import atomic_paths
 from genemamba_jax.data.errors import DataError
-from genemamba_jax.data.jsonio import write_json_atomic
+from genemamba_jax.data.jsonio import write_json
 
 METHODS = ("genemamba", "pca", "harmony")
 METRIC_KEYS = ("nmi", "ari", "asw_label", "asw_batch", "graph_connectivity", "ilisi",
@@ -276,7 +276,7 @@ def run_integration(input_path: str, embedding_key: str, batch_column: str, labe
 
   Writes metrics.csv (first column `method`), metrics.json ({method: {metric:
   value}}) and, with `plots`, umap.png (a column per method, rows coloured by
-  label and by batch), each atomically (`output_files` lists them). The input
+  label and by batch), together (all replaced or none; `output_files` lists them). The input
   file is only read. `log` gets a line as each step starts (the CLI prints them).
 
   Returns:
@@ -293,20 +293,18 @@ def run_integration(input_path: str, embedding_key: str, batch_column: str, labe
     raise DataError(f"{path}: cannot read it as .h5ad ({e})") from None
   table, embeddings = _scored(adata, embedding_key, batch_column, label_column, layer, n_pcs,
                               seed, baselines, where=str(path), log=log)
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  files = output_files(out, plots)
-  with atomic_path(files[0]) as tmp:
-    table.to_csv(tmp, index_label="method")
-  write_json_atomic(files[1],
-                    {m: {k: (None if np.isnan(v) else float(v)) for k, v in row.items()}
-                     for m, row in table.to_dict(orient="index").items()})
+  fig = None
   if plots:
     log(f"UMAPs of {len(embeddings)} embeddings")
     panels = {label_column: adata.obs[label_column].to_numpy(),
               batch_column: adata.obs[batch_column].to_numpy()}
     coords = {method: _umap(emb, seed) for method, emb in embeddings.items()}
     fig = umap_figure(coords, panels, table)
-    with atomic_path(files[2]) as tmp:
-      fig.savefig(tmp, format="png", dpi=110)
+  # The files replace the folder's old ones together, or not at all (a full disk, Ctrl-C).
+  with atomic_paths(output_files(out_dir, plots)) as temps:
+    table.to_csv(temps[0], index_label="method")
+    write_json(temps[1], {m: {k: (None if np.isnan(v) else float(v)) for k, v in row.items()}
+                          for m, row in table.to_dict(orient="index").items()})
+    if fig is not None:
+      fig.savefig(temps[2], format="png", dpi=110)
   return table
