@@ -5,10 +5,13 @@ Every command is `main(argv=None) -> int`, a console script and `python -m genem
     def main(argv=None):
       return cli.run(build_parser(), argv)          # parser's `run(args) -> lines to print`
 
-Bad input (`DataError`, a bad config key or value) ends the command with one line
-`error: <what>; <what to do>` on stderr and exit status 2, no traceback; Ctrl-C
-ends it with status 130 and one line (commands that can save their work, like
-`train`, handle SIGINT themselves first). `--help` exits 0.
+Bad input (`DataError`, a bad config key or value) and a full disk end the command
+with one line `error: <what>; <what to do>` on stderr and exit status 2, no
+traceback; Ctrl-C ends it with status 130 and one line `interrupted: ...`, SIGTERM
+with status 143 (128 + 15, what a shell reports for a command SIGTERM ended) and
+one line `terminated (SIGTERM): ...`. Both unwind the command like an error, so
+the temporary files of atomic writes are removed (commands that can save their
+work, like `train`, handle SIGINT and SIGTERM themselves first). `--help` exits 0.
 
 Config-file commands (`train`, `finetune`) take `--config FILE[:ARG]` (a Python
 file with `get_config(arg)` returning an ml_collections ConfigDict) and
@@ -20,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import difflib
 import errno
 import importlib.util
 import inspect
+import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,10 +41,15 @@ import ml_collections
 from genemamba_jax.data.errors import DataError
 
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
+TERMINATED = 143  # ... and by SIGTERM
 
 
 class Interrupted(KeyboardInterrupt):
   """Ctrl-C, after the command saved what it could; the message says what was kept."""
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a `kill`, a scheduler's preemption), raised like Ctrl-C's KeyboardInterrupt."""
 
 
 class CommandError(DataError):
@@ -60,6 +72,126 @@ def guarded(fn: Callable[[], Sequence[str] | None],
   Open progress bars are closed before any message, so it starts its own line.
   Returns the exit status.
   """
+  previous = _install_signal_handlers()
+  try:
+    return _guarded(fn, errors, on_interrupt)
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+    _quiet_exit()
+
+
+def _install_signal_handlers() -> dict:
+  """Ctrl-C and SIGTERM raise in the command (`KeyboardInterrupt`, `Terminated`).
+
+  Python's default for SIGTERM ends the process where it stands, leaving the
+  temporary files of atomic writes (and finetune's hidden workdir) behind; raised
+  as an exception, it unwinds the command like Ctrl-C does and they are removed.
+  Both are raised where the command can act on them (see `_on_signal`).
+  Handlers are installed only over Python's defaults (not over a caller's own,
+  nor over an ignored signal, as in a shell's background job), in the main
+  thread; returns {signal: the handler to restore}.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return {}
+  _SIGNALS["raised"] = None
+  replaced = {}
+  for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                          (signal.SIGTERM, signal.SIG_DFL)):
+    if signal.getsignal(signum) is default:
+      replaced[signum] = signal.signal(signum, _on_signal)
+  if replaced:
+    install_unraisable_hook()
+  return replaced
+
+
+def install_unraisable_hook() -> None:
+  """Wraps sys.unraisablehook (once per process) to drop what is no error of the command.
+
+  - The KeyboardInterrupt or Terminated the signal handler raised, when it was raised
+    where Python drops exceptions (a finalizer, a weakref or garbage-collector callback):
+    the signal is delivered again instead (see `_on_signal`).
+  - RuntimeError("Event loop is closed") from nowhere (no object): I/O that Orbax had in
+    flight (TensorStore reads or writes) completing into the event loop Orbax closed when
+    an interrupt or an error (a full disk) went through it. The interrupt or error is
+    what the command reports, in one line; these would print a traceback each.
+  """
+  if _SIGNALS["hooked"]:
+    return
+  _SIGNALS["hooked"] = True
+  previous = sys.unraisablehook
+
+  def unraisable(info) -> None:
+    if _SIGNALS["raised"] is not None and info.exc_value is _SIGNALS["raised"]:
+      _deliver_again(_SIGNALS["signum"])
+      return
+    if (info.object is None and isinstance(info.exc_value, RuntimeError)
+        and str(info.exc_value) == "Event loop is closed"):
+      return
+    previous(info)
+
+  sys.unraisablehook = unraisable
+
+
+# The exception the signal handler raised last (and its signal), to tell it from others.
+_SIGNALS = {"hooked": False, "raised": None, "signum": None}
+
+
+def _on_signal(signum, frame) -> None:
+  """Raises KeyboardInterrupt (SIGINT) or Terminated (SIGTERM) where the command can act on it.
+
+  Not inside an import the command makes: an exception raised while a C extension
+  initializes can crash the interpreter (matplotlib's ft2font: "Fatal Python
+  error" at exit); the signal is delivered again a moment later, after it. And an
+  exception raised in a finalizer, a weakref or garbage-collector callback is
+  printed ("Exception ignored in ...") and dropped, so the command would go on:
+  the hook installed above delivers that signal again too.
+  """
+  if signum == signal.SIGTERM and isinstance(_SIGNALS["raised"], Terminated):
+    return  # a second SIGTERM while the command cleans up: cleaning up is what the first asked
+  for f in _frames(frame):
+    if f.f_code is _guarded.__code__:
+      break
+    if f.f_code.co_filename.startswith("<frozen importlib"):
+      _deliver_again(signum)
+      return
+  error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+  _SIGNALS.update(raised=error, signum=signum)
+  raise error
+
+
+def _deliver_again(signum: int) -> None:
+  _SIGNALS["raised"] = None
+  timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+  timer.daemon = True
+  timer.start()
+
+
+def _frames(frame):
+  while frame is not None:
+    yield frame
+    frame = frame.f_back
+
+
+def _quiet_exit() -> None:
+  """After the command, Ctrl-C and SIGTERM are ignored while the interpreter shuts down.
+
+  The work is done and reported by then, but shutting down can take a moment (JAX
+  clears its backends in an exit handler); a signal there printed a traceback of
+  that handler. Registered last, so it runs first of the exit handlers (again at
+  each call: a later import may have registered more).
+  """
+  if threading.current_thread() is threading.main_thread():
+    atexit.unregister(_ignore_signals)
+    atexit.register(_ignore_signals)
+
+
+def _ignore_signals() -> None:
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN)
+
+
+def _guarded(fn, errors, on_interrupt) -> int:
   try:
     lines = fn()
   except (DataError, *errors) as e:
@@ -80,8 +212,10 @@ def guarded(fn: Callable[[], Sequence[str] | None],
     _close_bars()
     what = (str(e) or on_interrupt
             or "nothing half-written is kept; re-run the command to do it again")
-    print(f"\ninterrupted: {what}", file=sys.stderr, flush=True)
-    return INTERRUPTED
+    terminated = isinstance(e, Terminated)
+    print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {what}", file=sys.stderr,
+          flush=True)
+    return TERMINATED if terminated else INTERRUPTED
   if lines:
     print("\n".join(lines), flush=True)
   return 0
