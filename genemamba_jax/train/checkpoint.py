@@ -9,16 +9,40 @@ One Orbax step directory holds two items:
 
 Restoring both resumes training exactly: the same parameters and the same
 next batch as an uninterrupted run.
+
+Faults: a step directory appears only when complete (Orbax writes
+`<step>.orbax-checkpoint-tmp*` and renames it), so a killed run never leaves a
+checkpoint that a resume would restore; the unfinished temporary directories a
+killed or failed save leaves are removed by the next Checkpointer on the same
+directory. A save that runs out of disk space raises OSError (ENOSPC, EDQUOT or
+EFBIG), which the command line reports in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
+import logging
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from genemamba_jax import cli
+
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Orbax writes arrays through TensorStore, whose errors are ValueErrors carrying the OS error
+# code in their text, e.g. "... Failed to write 491987 bytes to file 11: File too large
+# [os_error_code='27']".
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
 class Checkpointer:
@@ -48,6 +72,11 @@ class Checkpointer:
         save_decision_policy=policies.AnySavePolicy([
             policies.FixedIntervalPolicy(save_every),
             policies.PreemptionCheckpointingPolicy()]))
+    # cleanup_tmp_directories: a run killed (or out of space) in the middle of a save leaves
+    # `<step>.orbax-checkpoint-tmp*` behind; Orbax never restores it, but it is debris that
+    # holds disk space, so the next run on the directory removes it.
+    options.cleanup_tmp_directories = True
+    _quiet_failed_saves()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, train_state: Any, data_iterator: Any = None,
@@ -63,7 +92,8 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(train_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._reporting_full_disk():
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def latest_step(self) -> int | None:
     """Latest complete step (after `wait()`, also the last async save), or None."""
@@ -99,16 +129,83 @@ class Checkpointer:
     return restored["state"]
 
   def wait(self) -> None:
-    """Blocks until pending async saves are written (and old steps removed)."""
-    self._manager.wait_until_finished()
+    """Blocks until pending async saves are written (and old steps removed).
+
+    Raises:
+      OSError: a save ran out of disk space (raised once; the save is dropped).
+    """
+    with self._reporting_full_disk():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager's resources."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    with self._reporting_full_disk():
+      self._manager.wait_until_finished()
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _reporting_full_disk(self) -> Iterator[None]:
+    """Re-raises an Orbax save that ran out of space as the OSError it is; drops the save.
+
+    An async save fails in a background thread; Orbax raises its TensorStore error (a
+    ValueError) at the next save or wait. As an OSError (ENOSPC, EDQUOT, EFBIG) the command
+    line reports it in one line like any other full disk. The unfinished step directory is
+    removed at once (single-process runs: other processes may still be writing into it), so
+    the space it held is free again; a later Checkpointer removes it otherwise.
+    """
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      full = _out_of_space(e)
+      if full is None:
+        raise
+      if jax.process_count() == 1 and "://" not in str(self.directory):
+        for path in self.directory.glob(f"*{_TMP_MARK}*"):
+          shutil.rmtree(path, ignore_errors=True)
+      # The failed save's abandoned coroutines are finalized now, while the interpreter can
+      # still run their cleanup, not at exit (where each printed "Exception ignored in").
+      gc.collect()
+      raise OSError(full, os.strerror(full), str(self.directory)) from e
 
   def __enter__(self) -> Checkpointer:
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _out_of_space(error: BaseException | None) -> int | None:
+  """The errno of an out-of-space failure anywhere in `error`'s chain, or None."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE:
+      return error.errno
+    match = _OS_ERROR_CODE.search(str(error))
+    if match and int(match.group(1)) in _OUT_OF_SPACE:
+      return int(match.group(1))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+_QUIETED = False
+
+
+def _quiet_failed_saves() -> None:
+  """Silences the noise of a save that ran out of space (once per process).
+
+  When a TensorStore write fails, Orbax logs the error with its traceback from each of
+  its threads (absl ERROR records), and the writes still in flight complete into event
+  loops Orbax already closed (each a RuntimeError traceback through sys.unraisablehook,
+  which cli.install_unraisable_hook drops). `_FullDisk` reports the failure in one line;
+  these records and only these are dropped.
+  """
+  global _QUIETED
+  if _QUIETED:
+    return
+  _QUIETED = True
+
+  def keep(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("orbax" in record.pathname and _out_of_space(error) is not None)
+
+  logging.getLogger("absl").addFilter(keep)
+  cli.install_unraisable_hook()

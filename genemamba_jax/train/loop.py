@@ -182,13 +182,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
         last["stopped"] = signal.Signals(stop["signal"]).name
         break
   finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    if hasattr(train_it, "close"):
-      train_it.close()
+    try:
+      # Still under the handlers above: a signal during the last (async) save lets it finish.
+      ckpt.wait()
+      ckpt.close()
+    finally:
+      for signum, handler in previous.items():
+        signal.signal(signum, handler)
+      writer.close()
+      if hasattr(train_it, "close"):
+        train_it.close()
   last["step"] = done
   return last
 
