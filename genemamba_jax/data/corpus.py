@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -99,19 +105,51 @@ def run_units(fn: Callable, units: Sequence[Unit], args: tuple, workers: int, to
         yield payload
     else:
       ctx = multiprocessing.get_context("spawn")  # HDF5 handles must not cross a fork
-      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                                  initializer=_worker_init,
+                                                  initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(fn, unit, *args) for unit in units]
         try:
           for future in concurrent.futures.as_completed(futures):
             done, payload = future.result()
             bar.update(done)
             yield payload
-        except BaseException:
+        except BaseException:  # an error, Ctrl-C, SIGTERM, or the consumer stopped
           for f in futures:
             f.cancel()
+          # A running unit can take minutes and cannot be cancelled; leaving the `with`
+          # would wait for it. Its unfinished shard is a .tmp file the caller removes.
+          for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
           raise
   finally:
     bar.close()
+
+
+def _worker_init(parent: int) -> None:
+  """Runs first in every worker process: it stops when the main process does.
+
+  A main process killed outright (kill -9, the out-of-memory killer) cannot stop
+  its workers; orphaned, they would live on (holding input files open, or
+  finishing a shard while a re-run writes the same one). On Linux the kernel
+  kills them with the parent (PR_SET_PDEATHSIG); elsewhere a thread notices the
+  new parent. Ctrl-C is left to the main process, which stops the workers (in a
+  terminal it reaches every process of the group, and each worker would print a
+  traceback of its own).
+  """
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError, AttributeError):
+      ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+  if os.getppid() != parent:  # the parent died before the line above took effect
+    os._exit(1)
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(1)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def check_not_empty(stats: collections.Counter, where: str) -> None:

@@ -111,19 +111,21 @@ def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.Pat
     return _tokenize(paths, units, sum(sizes), out_dir, vocab_dir, tokenizer, config,
                      input_config, columns, workers, t0)
   except BaseException:  # failed or interrupted: keep finished shards (a re-run goes on) only
-    _remove_if_nothing_finished(out_dir, created)
+    _remove_unfinished(out_dir, created)
     raise
 
 
-def _remove_if_nothing_finished(out_dir: Path, created: bool) -> None:
-  """Removes what a run that finished no shard wrote: its settings file, empty shards/, and
-  `out_dir` itself when the run created it (nothing is left that a re-run trips over)."""
+def _remove_unfinished(out_dir: Path, created: bool) -> None:
+  """Removes what a failed or interrupted run leaves unfinished: the shards being written
+  (their .tmp files: a worker process stopped mid-shard cannot remove its own), and when
+  it finished no shard, its settings file, empty shards/, and `out_dir` itself when the run
+  created it (nothing is left that a re-run trips over)."""
   shards = out_dir / records.SHARDS_DIR
+  for tmp in shards.glob("*.tmp"):  # this run's writers have all stopped by now
+    tmp.unlink(missing_ok=True)
   if any(shards.glob("*.json")):
     return
   (out_dir / SETTINGS_FILE).unlink(missing_ok=True)
-  for tmp in shards.glob("*.tmp"):  # a shard being written when the run was stopped
-    tmp.unlink(missing_ok=True)
   for folder in (shards, out_dir) if created else (shards,):
     with contextlib.suppress(OSError):  # not empty: someone else's files, kept
       folder.rmdir()
@@ -176,5 +178,7 @@ def _manifest(paths, units, shard_stats, tokenizer, config, input_config, column
       "special_ids": {"pad": vocab.pad_id, "mask": vocab.mask_id, "cls": vocab.cls_id,
                       "eos": vocab.eos_id},
       "settings": {**dataclasses.asdict(config), **dataclasses.asdict(input_config)},
-      "summary": {**dict(total), "genes_matched": genes},
+      # Sorted: a resumed run reads the counts of finished shards back from their sidecars
+      # (sorted JSON), and its manifest must be the same bytes as an uninterrupted run's.
+      "summary": {**dict(sorted(total.items())), "genes_matched": genes},
   }
