@@ -31,6 +31,7 @@ from genemamba_jax.train import metrics as metrics_lib
 from genemamba_jax.train import objectives, sharding
 from genemamba_jax.train import pathway as pathway_lib
 from genemamba_jax.train import resume
+from genemamba_jax.train import state as state_lib
 from genemamba_jax.train import step as step_lib
 from genemamba_jax.train import warm_start
 
@@ -125,7 +126,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                      keep=c.keep_checkpoints, save_every=c.checkpoint_every)
   start = ckpt.latest_step() or 0
   if init_params is not None and not start:
-    state = warm_start.place_params(state, init_params, core.shardings)
+    state = state_lib.place_params(state, init_params, core.shardings)
     print(f"starting from the weights of {c.init_checkpoint}")
   if start:
     state = ckpt.restore(start, core.restore_target(), train_it)

@@ -12,6 +12,7 @@ every other kernel are decayed, as in HF, GPT-2/3 and mamba_ssm's own training.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ import optax
 _SSM_NO_DECAY = frozenset({"A_log", "D", "dt_bias"})
 # Norm parameters: nnx.RMSNorm `scale`; GatedRMSNorm `weight` lives in `norm`.
 _NORM_LEAVES = frozenset({"scale"})
+SCHEDULES = ("cosine", "constant")
 
 
 def effective_warmup_steps(warmup_steps: int, num_steps: int) -> int:
@@ -54,8 +56,16 @@ def make_schedule(lr: float, warmup_steps: int, num_steps: int,
 
 
 def learning_rate(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """The schedule `make_optimizer(cfg, num_steps)` follows (for logging the lr)."""
-  return make_schedule(cfg.lr, int(cfg.warmup_steps), num_steps, cfg.end_lr_fraction)
+  """The schedule `make_optimizer(cfg, num_steps)` follows (for logging the lr).
+
+  `cfg.schedule` (default "cosine"): "cosine" decays to `end_lr_fraction` of the
+  peak after the warmup; "constant" holds the peak.
+  """
+  kind = cfg.get("schedule", "cosine")
+  if kind not in SCHEDULES:
+    raise ValueError(f"schedule={kind!r}; use one of {', '.join(SCHEDULES)}")
+  end = cfg.end_lr_fraction if kind == "cosine" else 1.0
+  return make_schedule(cfg.lr, int(cfg.warmup_steps), num_steps, end)
 
 
 def _names(path) -> tuple[str, ...]:
@@ -87,9 +97,10 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: decays(_names(path)), params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
+                   group_scales: Mapping[str, float] | None = None
                    ) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW(warmup + cosine, masked decay), accumulated.
+  """clip_by_global_norm -> AdamW(warmup + schedule, masked decay), accumulated.
 
   Args:
     cfg: the `optimizer` section of `train.config.default_config()`.
@@ -98,13 +109,30 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int
       `update` once per micro-batch; every k-th call applies the mean of the
       k gradients (clipped as a whole) and advances the schedule by one, so
       the run takes k * num_steps micro-batches.
+    group_scales: {top-level parameter name: learning-rate multiplier}, e.g.
+      fine-tuning's {"backbone": 1.0, "head": 10.0}; 0 freezes that part. Every
+      top-level name of the parameters must be listed. None: one group.
   """
   schedule = learning_rate(cfg, num_steps)
-  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+
+  def adamw(scale: float) -> optax.GradientTransformation:
+    if scale == 0:  # frozen
+      return optax.set_to_zero()
+    rate = schedule if scale == 1 else (lambda step: scale * schedule(step))
+    return optax.adamw(rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       mask=weight_decay_mask)
+
+  if group_scales is None:
+    update = adamw(1.0)
+  else:
+    group_of = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: _names(path)[0], params)
+    update = optax.multi_transform(
+        {name: adamw(scale) for name, scale in group_scales.items()}, group_of)
   # Clipping inside MultiSteps sees the accumulated gradient, like PyTorch
   # clipping after the last backward of an accumulation.
-  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+  tx = (optax.chain(optax.clip_by_global_norm(cfg.clip_norm), update) if cfg.clip_norm > 0
+        else update)
   k = int(cfg.accumulate_steps)
   if k < 1:
     raise ValueError(f"accumulate_steps={k} must be >= 1")

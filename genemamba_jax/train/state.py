@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -132,3 +133,15 @@ class TrainCore:
 
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
+
+
+def place_params(state: dict, params, shardings: dict) -> dict:
+  """`state` with its parameters replaced by `params` (a pure dict of the same structure,
+  numpy or jax arrays), placed in `shardings` (a warm start, a pretrained backbone)."""
+  from genemamba_jax import pretrained  # pylint: disable=g-import-not-at-top
+  current = state["params"]
+  like = nnx.to_pure_dict(current)
+  values = jax.tree.map(lambda ref, value: np.asarray(value, ref.dtype), like,
+                        pretrained.select_like(params, like))
+  nnx.replace_by_pure_dict(current, values)
+  return {**state, "params": jax.device_put(current, shardings["params"])}

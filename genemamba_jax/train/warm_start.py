@@ -66,13 +66,3 @@ def load_init(c: ml_collections.ConfigDict, corpus_vocab: Mapping[str, int], str
                     f"the run does not have (it was trained with streams={loaded.config.streams}"
                     f"); use an objective that keeps them (next_gene_faithful or mlm)")
   return config, params
-
-
-def place_params(state: dict, params: Mapping, shardings: dict) -> dict:
-  """`state` with its parameters replaced by `params` (same structure), in `shardings`."""
-  current = state["params"]
-  like = nnx.to_pure_dict(current)
-  values = jax.tree.map(lambda ref, value: np.asarray(value, ref.dtype), like,
-                        pretrained.select_like(params, like))
-  nnx.replace_by_pure_dict(current, values)
-  return {**state, "params": jax.device_put(current, shardings["params"])}
