@@ -76,6 +76,7 @@ def guarded(fn: Callable[[], Sequence[str] | None],
   try:
     return _guarded(fn, errors, on_interrupt)
   finally:
+    _SIGNALS["raised"] = None  # the command is over: nothing to deliver again
     for signum, handler in previous.items():
       signal.signal(signum, handler)
     _quiet_exit()
@@ -123,6 +124,7 @@ def install_unraisable_hook() -> None:
 
   def unraisable(info) -> None:
     if _SIGNALS["raised"] is not None and info.exc_value is _SIGNALS["raised"]:
+      _SIGNALS["raised"] = None  # dropped: the next delivery raises anew
       _deliver_again(_SIGNALS["signum"])
       return
     if (info.object is None and isinstance(info.exc_value, RuntimeError)
@@ -133,22 +135,28 @@ def install_unraisable_hook() -> None:
   sys.unraisablehook = unraisable
 
 
-# The exception the signal handler raised last (and its signal), to tell it from others.
+# The exception the signal handler raised (and its signal) until the command has handled it.
 _SIGNALS = {"hooked": False, "raised": None, "signum": None}
 
 
 def _on_signal(signum, frame) -> None:
   """Raises KeyboardInterrupt (SIGINT) or Terminated (SIGTERM) where the command can act on it.
 
-  Not inside an import the command makes: an exception raised while a C extension
-  initializes can crash the interpreter (matplotlib's ft2font: "Fatal Python
-  error" at exit); the signal is delivered again a moment later, after it. And an
-  exception raised in a finalizer, a weakref or garbage-collector callback is
-  printed ("Exception ignored in ...") and dropped, so the command would go on:
-  the hook installed above delivers that signal again too.
+  - Not inside an import the command makes: an exception raised while a C extension
+    initializes can crash the interpreter (matplotlib's ft2font: "Fatal Python error" at
+    exit); the signal is delivered again a moment later, after it.
+  - An exception raised in a finalizer, a weakref or garbage-collector callback is
+    dropped by Python, and some C code swallows one raised in a callback it made: the
+    command went on and finished. Until `_guarded` has the exception, the signal comes
+    again every second (and from the unraisable hook at once); then a new one is raised,
+    unless the first is still on its way up (it is being handled: cleanup in progress).
+  - So a second Ctrl-C or SIGTERM during that cleanup is ignored: cleaning up is what the
+    first asked for (kill -9, or a scheduler's SIGKILL after its grace period, still ends it).
   """
-  if signum == signal.SIGTERM and isinstance(_SIGNALS["raised"], Terminated):
-    return  # a second SIGTERM while the command cleans up: cleaning up is what the first asked
+  pending = _SIGNALS["raised"]
+  if pending is not None and _being_handled(pending):
+    _deliver_again(signum, after=1.0, unless_handled=pending)
+    return
   for f in _frames(frame):
     if f.f_code is _guarded.__code__:
       break
@@ -157,12 +165,29 @@ def _on_signal(signum, frame) -> None:
       return
   error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
   _SIGNALS.update(raised=error, signum=signum)
+  _deliver_again(signum, after=1.0, unless_handled=error)  # should it get lost on the way
   raise error
 
 
-def _deliver_again(signum: int) -> None:
-  _SIGNALS["raised"] = None
-  timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+def _being_handled(error: BaseException) -> bool:
+  """Whether `error` is on its way up the main thread (an except, finally or __exit__ runs)."""
+  current = sys.exc_info()[1]
+  while current is not None:
+    if current is error:
+      return True
+    current = current.__context__
+  return False
+
+
+def _deliver_again(signum: int, after: float = 0.05,
+                   unless_handled: BaseException | None = None) -> None:
+  """Sends `signum` to this process `after` seconds from now (from a thread: the handler runs
+  again in the main thread), unless `_guarded` has handled `unless_handled` by then."""
+  def send() -> None:
+    if unless_handled is None or _SIGNALS["raised"] is unless_handled:
+      os.kill(os.getpid(), signum)
+
+  timer = threading.Timer(after, send)
   timer.daemon = True
   timer.start()
 
@@ -209,6 +234,7 @@ def _guarded(fn, errors, on_interrupt) -> int:
           file=sys.stderr, flush=True)
     return 2
   except KeyboardInterrupt as e:
+    _SIGNALS["raised"] = None  # handled: no delivery again
     _close_bars()
     what = (str(e) or on_interrupt
             or "nothing half-written is kept; re-run the command to do it again")

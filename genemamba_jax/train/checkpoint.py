@@ -193,10 +193,11 @@ def _quiet_failed_saves() -> None:
   """Silences the noise of a save that ran out of space (once per process).
 
   When a TensorStore write fails, Orbax logs the error with its traceback from each of
-  its threads (absl ERROR records), and the writes still in flight complete into event
-  loops Orbax already closed (each a RuntimeError traceback through sys.unraisablehook,
-  which cli.install_unraisable_hook drops). `_FullDisk` reports the failure in one line;
-  these records and only these are dropped.
+  its threads (absl ERROR records), asyncio logs the write tasks it abandoned, and the
+  writes still in flight complete into event loops Orbax already closed (each a
+  RuntimeError traceback through sys.unraisablehook, which cli.install_unraisable_hook
+  drops). `_reporting_full_disk` reports the failure in one line; the log records that
+  carry an out-of-space error are dropped, and only those.
   """
   global _QUIETED
   if _QUIETED:
@@ -205,7 +206,10 @@ def _quiet_failed_saves() -> None:
 
   def keep(record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
-    return not ("orbax" in record.pathname and _out_of_space(error) is not None)
+    return _out_of_space(error) is None
 
+  # Orbax's own records, and asyncio's "Task exception was never retrieved" for the write
+  # tasks the failed save abandoned.
   logging.getLogger("absl").addFilter(keep)
+  logging.getLogger("asyncio").addFilter(keep)
   cli.install_unraisable_hook()
