@@ -154,18 +154,18 @@ def conclusion(result: dict, threshold: float) -> str:
   """What the tables say, in words, from their numbers (GeneMamba = the command's default row)."""
   name = pooling_note(result)
   ours, pca = result["rows"][name], result["rows"][PCA]
-  within_ours, within_pca = result["within"][name], result["within"][PCA]
+  within = (result["within"][name]["accuracy"], result["within"][PCA]["accuracy"])
   better = "the PCA of the counts" if pca["accuracy"] > ours["accuracy"] else "GeneMamba"
-  return (f"Control -> stimulated, {better} transfers labels better: GeneMamba ({name.split(', ')[1]}) "
+  pooling = name.split(", ")[1]
+  return (f"Control -> stimulated, {better} transfers labels better: GeneMamba ({pooling}) "
           f"accuracy {ours['accuracy']:.3f}, macro-F1 {ours['macro_f1']:.3f}; PCA "
           f"{pca['accuracy']:.3f}, {pca['macro_f1']:.3f}. Without the stimulation: "
-          f"{within_ours['accuracy']:.3f} vs {within_pca['accuracy']:.3f}. GeneMamba's confidence "
-          f"sorts its errors: at confidence < {threshold:g}, {ours['unknown']:.1%} of the query "
-          f"becomes unknown and the rest is {ours['accuracy_kept']:.3f} correct (PCA: "
-          f"{pca['unknown']:.1%} unknown, {pca['accuracy_kept']:.3f}). The model reads each cell "
-          "as its 127 top-ranked genes, the PCA all 1,267 genes, and it is tiny (trained for "
-          "minutes on these 1,556 cells): the table shows what the analysis measures, not "
-          "GeneMamba at the paper's scale.")
+          f"{within[0]:.3f} vs {within[1]:.3f}. GeneMamba's confidence sorts its errors: at "
+          f"confidence < {threshold:g}, {ours['unknown']:.1%} of the query becomes unknown and "
+          f"the rest is {ours['accuracy_kept']:.3f} correct (PCA: {pca['unknown']:.1%} unknown, "
+          f"{pca['accuracy_kept']:.3f}). The model reads each cell as its 127 top-ranked genes, "
+          "the PCA all 1,267 genes, and it is tiny (trained for minutes on these 1,556 cells): "
+          "the table shows what the analysis measures, not GeneMamba at the paper's scale.")
 
 
 def main() -> None:

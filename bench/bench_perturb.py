@@ -154,9 +154,10 @@ def reading(rows: list[dict], random: str) -> str:
           f"gives {up} toward the stimulated monocytes, the controls {up_controls}; deleting "
           f"them from stimulated monocytes gives {down} toward the control monocytes, the "
           f"controls {down_controls}. Deletions far down the sentence barely move the <cls> "
-          "embedding (see the position column). A shift measures how the model's view of a cell moves, "
-          "not what the cell would do; with a model this small (trained for minutes on 1,556 "
-          "cells, each read as its top 127 genes) the table shows what the analysis measures.")
+          "embedding (see the position column). A shift measures how the model's view of a cell "
+          "moves, not what the cell would do; with a model this small (trained for minutes on "
+          "1,556 cells, each read as its top 127 genes) the table shows what the analysis "
+          "measures.")
 
 
 def main() -> None:

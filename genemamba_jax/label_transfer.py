@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True,
-                      help="a train/finetune run directory (latest checkpoint) or checkpoints/<step>")
+                      help="a train/finetune run directory (latest checkpoint) or "
+                           "checkpoints/<step>")
   parser.add_argument("--reference", required=True,
                       help="annotated cells: .h5ad file, 10x folder or 10x .h5")
   parser.add_argument("--label-column", required=True,

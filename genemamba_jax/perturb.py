@@ -1,5 +1,5 @@
-"""python -m genemamba_jax.perturb --checkpoint RUN --input X.h5ad --genes G1,G2 --mode delete|overexpress
-    --output OUT.csv [--target-column COL --target VALUE]
+"""python -m genemamba_jax.perturb --checkpoint RUN --input X.h5ad --genes G1,G2
+    --mode delete|overexpress --output OUT.csv [--target-column COL --target VALUE]
 
 In silico perturbation (Geneformer's modes) on the rank sentences a trained
 GeneMamba reads: each cell is tokenized as the run tokenizes, edited, and
@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m genemamba_jax.perturb", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True,
-                      help="a train/finetune run directory (latest checkpoint) or checkpoints/<step>")
+                      help="a train/finetune run directory (latest checkpoint) or "
+                           "checkpoints/<step>")
   parser.add_argument("--input", required=True, help=".h5ad file, 10x folder or 10x .h5")
   parser.add_argument("--genes", required=True,
                       help="genes to perturb, comma-separated, named as the input names them")

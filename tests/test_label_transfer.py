@@ -38,7 +38,8 @@ def test_votes_confidence_and_ties_by_hand():
   reference = np.array([[1.0, 1.0], [-1.0, 1.0]])
   for labels in (["zeta", "alpha"], ["alpha", "zeta"]):
     assert lt.transfer_labels(reference, labels, [[0.0, 1.0]], k=2)["prediction"][0] == "alpha"
-    assert lt.transfer_labels(reference[::-1], labels, [[0.0, 1.0]], k=2)["prediction"][0] == "alpha"
+    flipped = lt.transfer_labels(reference[::-1], labels, [[0.0, 1.0]], k=2)
+    assert flipped["prediction"][0] == "alpha"
 
 
 def test_unknown_threshold_keeps_the_winners_share():
@@ -216,3 +217,8 @@ def test_a_query_without_vocabulary_genes_is_refused(kang_pretrained, kang_files
   assert lt.main([*args[:7], str(query), *args[8:]]) == 2
   assert "none of its 1267 gene ids" in _one_error_line(capsys)
   assert not (tmp_path / "x.csv").exists()
+
+
+def test_every_option_has_help():
+  actions = lt.build_parser()._actions  # pylint: disable=protected-access
+  assert [a.dest for a in actions if not a.help] == []

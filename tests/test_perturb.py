@@ -227,3 +227,8 @@ def test_bad_input_is_one_line_and_writes_nothing(kang_pretrained, kang_cells, t
                        "--genes", "ISG15")) == 2
   assert "name it OUT.csv" in _one_error_line(capsys)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_every_option_has_help():
+  actions = pt.build_parser()._actions  # pylint: disable=protected-access
+  assert [a.dest for a in actions if not a.help] == []
