@@ -32,7 +32,7 @@ from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from genemamba_jax import embed, inference, pretrained
+from genemamba_jax import embed, inference, rundir
 from genemamba_jax.annotation import loop as annotation
 from genemamba_jax.annotation.config import default_config
 from genemamba_jax.data.readers import open_source
@@ -111,7 +111,7 @@ def integration_table(run: Path, finetuned_h5ad: Path) -> pd.DataFrame:
 def reconstruction_table(runs: dict[str, Path], cells: int) -> pd.DataFrame:
   rows = []
   for name, run in runs.items():
-    model = pretrained.load_pretrained(run)
+    model = rundir.load_pretrained(run)
     sentences, _, _ = inference.tokenize_all(model.tokenizer(), open_source(KANG), desc=None)
     chosen = reconstruction.sample_cells(len(sentences), cells, 0)
     sentences = [sentences[i] for i in chosen]
@@ -128,7 +128,7 @@ def gene_pair_table(runs: dict[str, Path]) -> pd.DataFrame:
   pairs = gene_pairs.load_pairs(DATA / "gene2vec_pairs", "train")
   rows = {}
   for name, run in runs.items():
-    model = pretrained.load_pretrained(run)
+    model = rundir.load_pretrained(run)
     vocab = model.vocab
     table = np.asarray(model.model.embeddings.embedding[...], np.float32)
     bench = gene_pairs.pair_benchmark(vocab.gene_ids, table[vocab.gene_token_ids(vocab.gene_ids)],

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import results  # noqa: E402  (bench/results.py, beside this script)
 from genemamba_jax import bench
 from genemamba_jax.model import count_params
-from genemamba_jax.train import metrics
+from genemamba_jax.train import metric_writer
 
 PAPER_S_PER_SAMPLE = 0.1284  # Table 6, A100
 TARGET_S_PER_SAMPLE = 0.0064  # the target on one H100
@@ -51,7 +51,7 @@ def paper_rows(batch: int, steps: int) -> list[dict]:
                               vocab=25_426, steps=steps, backend=backend, dtype="bfloat16",
                               remat=True)
     params = count_params(r["config"])
-    peak = metrics.peak_flops_per_device()
+    peak = metric_writer.peak_flops_per_device()
     s_per_sample = 2048 / r["tokens_per_s"]
     rows.append({"model": f"{mixer} ({params / 1e6:.2f}M)", "backend": backend,
                  "tokens/s": r["tokens_per_s"], "ms/sample": 1e3 * s_per_sample,

@@ -112,12 +112,12 @@ def compare(model, reference, query, k: int, threshold: float) -> tuple[dict, di
 
 def run(args) -> dict:
   from tests.kang import pretrain_kang  # pylint: disable=g-import-not-at-top
-  from genemamba_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from genemamba_jax import rundir  # pylint: disable=g-import-not-at-top
   reused = (Path(args.work) / "run" / "checkpoints").is_dir()
   t0 = time.perf_counter()
   run_dir = pretrain_kang(SHARED, Path(args.work), args.steps)
   pretrain_s = None if reused else time.perf_counter() - t0
-  model = pretrained.load_pretrained(run_dir)
+  model = rundir.load_pretrained(run_dir)
   reference, query = split_kang()
   rows, seconds = compare(model, reference, query, args.k, args.threshold)
   # The same methods without the stimulation: one patient's control cells label the other's.

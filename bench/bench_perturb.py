@@ -102,9 +102,9 @@ def summarize(frame: pd.DataFrame, cells: np.ndarray, part: str, role: dict,
 
 def run(args) -> dict:
   from tests.kang import pretrain_kang  # pylint: disable=g-import-not-at-top
-  from genemamba_jax import perturb, pretrained  # pylint: disable=g-import-not-at-top
+  from genemamba_jax import perturb, rundir  # pylint: disable=g-import-not-at-top
   run_dir = pretrain_kang(SHARED, Path(args.work), args.steps)
-  model = pretrained.load_pretrained(run_dir)
+  model = rundir.load_pretrained(run_dir)
   cells = monocytes()
   condition = cells.obs["condition"].astype(str).to_numpy()
   ctrl, stim = cells.obs_names[condition == "ctrl"], cells.obs_names[condition == "stim"]

@@ -54,7 +54,7 @@ def prepare(work: Path, d_model: int, layers: int, seq_len: int, batch: int) -> 
   """Original checkpoint -> converted run -> the batch of cells; returns paths and timings."""
   import torch_genemamba  # pylint: disable=g-import-not-at-top
   from genemamba_jax import convert, inference  # pylint: disable=g-import-not-at-top
-  from genemamba_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from genemamba_jax import rundir  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data import genes  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data.readers import open_source  # pylint: disable=g-import-not-at-top
   tokens = torch_genemamba.geneformer_tokens(SHARED)
@@ -66,7 +66,7 @@ def prepare(work: Path, d_model: int, layers: int, seq_len: int, batch: int) -> 
                                    median_dictionary=str(GENEFORMER / "gene_median_dictionary.pkl"))
   convert.write_run(converted, work / "run")
   convert_s = time.perf_counter() - t0
-  loaded = pretrained.load_pretrained(work / "run")
+  loaded = rundir.load_pretrained(work / "run")
   gene_map = genes.load_gene_map(str(GENEFORMER / "gene_name_id_dict.pkl"))
   sentences, names, _ = inference.tokenize_all(loaded.tokenizer(max_len=seq_len, gene_map=gene_map),
                                                open_source(str(CELLS), None, None), desc=None)
@@ -82,9 +82,9 @@ def prepare(work: Path, d_model: int, layers: int, seq_len: int, batch: int) -> 
 
 
 def run_ours(work: Path, steps: int) -> dict:
-  from genemamba_jax import bench, pretrained  # pylint: disable=g-import-not-at-top
+  from genemamba_jax import bench, rundir  # pylint: disable=g-import-not-at-top
   cells = np.load(work / "cells.npz")
-  model = pretrained.load_pretrained(work / "run").model
+  model = rundir.load_pretrained(work / "run").model
   before = _memory_mib("VmRSS")
   result = bench.time_embed(model, cells["tokens"], cells["mask"], steps=steps, warmup=1)
   np.save(work / "ours.npy", result.pop("embedding"))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from genemamba_jax.atomic import write_bytes_atomic  # noqa: E402
+from genemamba_jax.files import write_bytes_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from genemamba_jax import pretrained as pretrained_lib
-from genemamba_jax.atomic import atomic_paths
+from genemamba_jax import rundir
+from genemamba_jax.files import atomic_paths
 from genemamba_jax.data import genes as genes_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import AnnDataSource, CountSource, open_source
 from genemamba_jax.data.tokenizer import CellTokenizer
 
@@ -30,11 +30,11 @@ _log = logging.getLogger(__name__)
 LOW_OVERLAP = 0.5
 
 
-def load_run(run: str | os.PathLike | pretrained_lib.Pretrained) -> pretrained_lib.Pretrained:
+def load_run(run: str | os.PathLike | rundir.Pretrained) -> rundir.Pretrained:
   """A run directory or checkpoint (loaded here), or a `Pretrained` already loaded (as is)."""
-  if isinstance(run, pretrained_lib.Pretrained):
+  if isinstance(run, rundir.Pretrained):
     return run
-  return pretrained_lib.load_pretrained(run)
+  return rundir.load_pretrained(run)
 
 
 def as_source(cells, name: str, layer: str | None = None,

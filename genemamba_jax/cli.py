@@ -23,34 +23,19 @@ from __future__ import annotations
 
 import argparse
 import ast
-import atexit
 import difflib
 import errno
 import importlib.util
 import inspect
-import os
 import re
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ml_collections
 
-from genemamba_jax.data.errors import DataError
-
-INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
-TERMINATED = 143  # ... and by SIGTERM
-
-
-class Interrupted(KeyboardInterrupt):
-  """Ctrl-C, after the command saved what it could; the message says what was kept."""
-
-
-class Terminated(KeyboardInterrupt):
-  """SIGTERM (a `kill`, a scheduler's preemption), raised like Ctrl-C's KeyboardInterrupt."""
-
+from genemamba_jax import signals
+from genemamba_jax.errors import DataError
 
 class CommandError(DataError):
   """A problem of the command line itself (a bad flag value, a config file that fails)."""
@@ -72,148 +57,12 @@ def guarded(fn: Callable[[], Sequence[str] | None],
   Open progress bars are closed before any message, so it starts its own line.
   Returns the exit status.
   """
-  previous = _install_signal_handlers()
+  previous = signals.install(boundary=_guarded)
   try:
     return _guarded(fn, errors, on_interrupt)
   finally:
-    _SIGNALS["raised"] = None  # the command is over: nothing to deliver again
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
-    _quiet_exit()
-
-
-def _install_signal_handlers() -> dict:
-  """Ctrl-C and SIGTERM raise in the command (`KeyboardInterrupt`, `Terminated`).
-
-  Python's default for SIGTERM ends the process where it stands, leaving the
-  temporary files of atomic writes (and finetune's hidden workdir) behind; raised
-  as an exception, it unwinds the command like Ctrl-C does and they are removed.
-  Both are raised where the command can act on them (see `_on_signal`).
-  Handlers are installed only over Python's defaults (not over a caller's own,
-  nor over an ignored signal, as in a shell's background job), in the main
-  thread; returns {signal: the handler to restore}.
-  """
-  if threading.current_thread() is not threading.main_thread():
-    return {}
-  _SIGNALS["raised"] = None
-  replaced = {}
-  for signum, default in ((signal.SIGINT, signal.default_int_handler),
-                          (signal.SIGTERM, signal.SIG_DFL)):
-    if signal.getsignal(signum) is default:
-      replaced[signum] = signal.signal(signum, _on_signal)
-  if replaced:
-    install_unraisable_hook()
-  return replaced
-
-
-def install_unraisable_hook() -> None:
-  """Wraps sys.unraisablehook (once per process) to drop what is no error of the command.
-
-  - The KeyboardInterrupt or Terminated the signal handler raised, when it was raised
-    where Python drops exceptions (a finalizer, a weakref or garbage-collector callback):
-    the signal is delivered again instead (see `_on_signal`).
-  - RuntimeError("Event loop is closed") from nowhere (no object): I/O that Orbax had in
-    flight (TensorStore reads or writes) completing into the event loop Orbax closed when
-    an interrupt or an error (a full disk) went through it. The interrupt or error is
-    what the command reports, in one line; these would print a traceback each.
-  """
-  if _SIGNALS["hooked"]:
-    return
-  _SIGNALS["hooked"] = True
-  previous = sys.unraisablehook
-
-  def unraisable(info) -> None:
-    if _SIGNALS["raised"] is not None and info.exc_value is _SIGNALS["raised"]:
-      _SIGNALS["raised"] = None  # dropped: the next delivery raises anew
-      _deliver_again(_SIGNALS["signum"])
-      return
-    if (info.object is None and isinstance(info.exc_value, RuntimeError)
-        and str(info.exc_value) == "Event loop is closed"):
-      return
-    previous(info)
-
-  sys.unraisablehook = unraisable
-
-
-# The exception the signal handler raised (and its signal) until the command has handled it.
-_SIGNALS = {"hooked": False, "raised": None, "signum": None}
-
-
-def _on_signal(signum, frame) -> None:
-  """Raises KeyboardInterrupt (SIGINT) or Terminated (SIGTERM) where the command can act on it.
-
-  - Not inside an import the command makes: an exception raised while a C extension
-    initializes can crash the interpreter (matplotlib's ft2font: "Fatal Python error" at
-    exit); the signal is delivered again a moment later, after it.
-  - An exception raised in a finalizer, a weakref or garbage-collector callback is
-    dropped by Python, and some C code swallows one raised in a callback it made: the
-    command went on and finished. Until `_guarded` has the exception, the signal comes
-    again every second (and from the unraisable hook at once); then a new one is raised,
-    unless the first is still on its way up (it is being handled: cleanup in progress).
-  - So a second Ctrl-C or SIGTERM during that cleanup is ignored: cleaning up is what the
-    first asked for (kill -9, or a scheduler's SIGKILL after its grace period, still ends it).
-  """
-  pending = _SIGNALS["raised"]
-  if pending is not None and _being_handled(pending):
-    _deliver_again(signum, after=1.0, unless_handled=pending)
-    return
-  for f in _frames(frame):
-    if f.f_code is _guarded.__code__:
-      break
-    if f.f_code.co_filename.startswith("<frozen importlib"):
-      _deliver_again(signum)
-      return
-  error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-  _SIGNALS.update(raised=error, signum=signum)
-  _deliver_again(signum, after=1.0, unless_handled=error)  # should it get lost on the way
-  raise error
-
-
-def _being_handled(error: BaseException) -> bool:
-  """Whether `error` is on its way up the main thread (an except, finally or __exit__ runs)."""
-  current = sys.exc_info()[1]
-  while current is not None:
-    if current is error:
-      return True
-    current = current.__context__
-  return False
-
-
-def _deliver_again(signum: int, after: float = 0.05,
-                   unless_handled: BaseException | None = None) -> None:
-  """Sends `signum` to this process `after` seconds from now (from a thread: the handler runs
-  again in the main thread), unless `_guarded` has handled `unless_handled` by then."""
-  def send() -> None:
-    if unless_handled is None or _SIGNALS["raised"] is unless_handled:
-      os.kill(os.getpid(), signum)
-
-  timer = threading.Timer(after, send)
-  timer.daemon = True
-  timer.start()
-
-
-def _frames(frame):
-  while frame is not None:
-    yield frame
-    frame = frame.f_back
-
-
-def _quiet_exit() -> None:
-  """After the command, Ctrl-C and SIGTERM are ignored while the interpreter shuts down.
-
-  The work is done and reported by then, but shutting down can take a moment (JAX
-  clears its backends in an exit handler); a signal there printed a traceback of
-  that handler. Registered last, so it runs first of the exit handlers (again at
-  each call: a later import may have registered more).
-  """
-  if threading.current_thread() is threading.main_thread():
-    atexit.unregister(_ignore_signals)
-    atexit.register(_ignore_signals)
-
-
-def _ignore_signals() -> None:
-  for signum in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(signum, signal.SIG_IGN)
+    signals.restore(previous)  # the command is over: nothing to deliver again
+    signals.quiet_exit()
 
 
 def _guarded(fn, errors, on_interrupt) -> int:
@@ -234,14 +83,14 @@ def _guarded(fn, errors, on_interrupt) -> int:
           file=sys.stderr, flush=True)
     return 2
   except KeyboardInterrupt as e:
-    _SIGNALS["raised"] = None  # handled: no delivery again
+    signals.handled()
     _close_bars()
     what = (str(e) or on_interrupt
             or "nothing half-written is kept; re-run the command to do it again")
-    terminated = isinstance(e, Terminated)
+    terminated = isinstance(e, signals.Terminated)
     print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {what}", file=sys.stderr,
           flush=True)
-    return TERMINATED if terminated else INTERRUPTED
+    return signals.TERMINATED if terminated else signals.INTERRUPTED
   if lines:
     print("\n".join(lines), flush=True)
   return 0

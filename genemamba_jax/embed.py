@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from genemamba_jax import cli, inference
-from genemamba_jax import pretrained as pretrained_lib
-from genemamba_jax.atomic import atomic_paths
+from genemamba_jax import rundir
+from genemamba_jax.files import atomic_paths
 from genemamba_jax.data import genes as genes_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import open_source
 
 OBSM_KEY = "X_genemamba"
@@ -47,14 +47,14 @@ class EmbedResult:
   gene_context_counts: np.ndarray | None = None  # [G'] int64: occurrences averaged
 
 
-def default_pooling(model: pretrained_lib.Pretrained) -> str:
+def default_pooling(model: rundir.Pretrained) -> str:
   """cls when the model was trained (or fine-tuned) with <cls> first, else mean."""
   if model.task is not None:
     return model.task.get("pooling", "cls")
   return "cls" if model.tokenize.get("cls") else "mean"
 
 
-def embed_source(model: pretrained_lib.Pretrained, source, *, poolings: Sequence[str] = ("cls",),
+def embed_source(model: rundir.Pretrained, source, *, poolings: Sequence[str] = ("cls",),
                  batch_size: int = 64, max_len: int | None = None, gene_context: bool = False,
                  gene_map: Mapping[str, str] | None = None, progress: bool = True) -> EmbedResult:
   """Embeds every cell of a count source (see `genemamba_jax.data.readers`).
@@ -90,7 +90,7 @@ def embed_file(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *,
                layer: str | None = None, max_len: int | None = None,
                gene_context: bool = False, progress: bool = True) -> EmbedResult:
   """Loads `checkpoint` and embeds the cells of `input_path` (.h5ad, 10x folder or .h5)."""
-  model = pretrained_lib.load_pretrained(checkpoint)
+  model = rundir.load_pretrained(checkpoint)
   source = open_source(input_path, layer, gene_column)
   return embed_source(model, source, poolings=tuple(poolings or (default_pooling(model),)),
                       batch_size=batch_size, max_len=max_len, gene_context=gene_context,
@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace) -> list[str]:
                     f".h5ad too; write .npy or .npz for {args.input}")
   if args.genes_output:
     _genes_path(args.genes_output)  # checked before the work, not after the cells are written
-  model = pretrained_lib.load_pretrained(args.checkpoint)
+  model = rundir.load_pretrained(args.checkpoint)
   poolings = (("cls", "mean") if args.pooling == "both"
               else (args.pooling or default_pooling(model),))
   source = open_source(args.input, args.layer, args.gene_column)

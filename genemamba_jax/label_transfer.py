@@ -30,8 +30,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from genemamba_jax import cli, embed
 from genemamba_jax import cell_inputs
-from genemamba_jax import pretrained as pretrained_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax import rundir
+from genemamba_jax.errors import DataError
 
 UNKNOWN = "unknown"
 PREDICTION, CONFIDENCE = "genemamba_prediction", "genemamba_confidence"  # .h5ad obs columns
@@ -129,7 +129,7 @@ def _winners(votes: np.ndarray, summed: np.ndarray, k: int) -> tuple[np.ndarray,
   return nearest.argmax(axis=1), best[:, 0] / k
 
 
-def label_transfer(checkpoint_or_loaded_run: str | os.PathLike | pretrained_lib.Pretrained,
+def label_transfer(checkpoint_or_loaded_run: str | os.PathLike | rundir.Pretrained,
                    reference, label_column: str, query, k: int = 15,
                    unknown_threshold: float | None = None, gene_column: str | None = None,
                    gene_map: str | os.PathLike | Mapping[str, str] | None = None,

@@ -38,10 +38,10 @@ import numpy as np
 import pandas as pd
 
 from genemamba_jax import cell_inputs, cli, embed, inference
-from genemamba_jax import pretrained as pretrained_lib
+from genemamba_jax import rundir
 from genemamba_jax import progress as progress_lib
 from genemamba_jax.data import genes as genes_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 MODES = ("delete", "overexpress")
 COLUMNS = ("obs_name", "gene", "mode", "shift")
@@ -141,7 +141,7 @@ def _pairs(sentences: Sequence[np.ndarray], tokens: Sequence[int], mode: str, ma
       yield cell, j, None if np.array_equal(new, sentence) else new
 
 
-def perturb_sentences(model: pretrained_lib.Pretrained, sentences: Sequence[np.ndarray],
+def perturb_sentences(model: rundir.Pretrained, sentences: Sequence[np.ndarray],
                       tokens: Sequence[int], mode: str, *, pooling: str, max_len: int,
                       target_cells: np.ndarray | None = None, batch_size: int = 64,
                       desc: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -218,7 +218,7 @@ def _embed(step, sentences: Sequence[np.ndarray], pooling: str, batch_size: int,
   return np.concatenate(out)
 
 
-def perturb(checkpoint_or_loaded_run: str | os.PathLike | pretrained_lib.Pretrained,
+def perturb(checkpoint_or_loaded_run: str | os.PathLike | rundir.Pretrained,
             adata_or_path, genes: Sequence[str], mode: str, target_column: str | None = None,
             target: str | None = None, batch_size: int = 64,
             gene_map: str | os.PathLike | Mapping[str, str] | None = None,

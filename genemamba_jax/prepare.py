@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 from genemamba_jax import cli
-from genemamba_jax.data import corpus
+from genemamba_jax.data import jobs
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
@@ -47,18 +47,18 @@ def _input_args(p: argparse.ArgumentParser) -> None:
                  help="read each .h5ad whole with anndata instead of streaming it in chunks")
 
 
-def _input_config(a: argparse.Namespace) -> corpus.InputConfig:
-  return corpus.InputConfig(a.layer, a.gene_column, a.gene_map, a.in_memory)
+def _input_config(a: argparse.Namespace) -> jobs.InputConfig:
+  return jobs.InputConfig(a.layer, a.gene_column, a.gene_map, a.in_memory)
 
 
 def _medians(a: argparse.Namespace) -> list[str]:
-  from genemamba_jax.data import medians
-  config = medians.MedianConfig(
+  from genemamba_jax.data import prepare_medians
+  config = prepare_medians.MedianConfig(
       min_genes=a.min_genes, primary_only=not a.keep_non_primary, log1p=a.log1p,
       gene_table=a.gene_table, biotypes=tuple(b for b in a.biotypes.split(",") if b))
-  vocab, meds, info = medians.compute_medians(a.input, a.out, config, _input_config(a),
-                                              a.workers, a.cells_per_shard)
-  return (corpus.summary_lines(_counter(info["summary"]), info["summary"]["genes_matched"])
+  vocab, meds, info = prepare_medians.compute_medians(a.input, a.out, config, _input_config(a),
+                                                      a.workers, a.cells_per_shard)
+  return (jobs.summary_lines(_counter(info["summary"]), info["summary"]["genes_matched"])
           + [f"vocabulary: {len(vocab):,} tokens ({len(meds):,} genes with a median)",
              f"written: {a.out}/vocab.json, medians.json, digests.json"])
 
@@ -69,16 +69,16 @@ def _counter(summary: dict):
 
 
 def _tokenize(a: argparse.Namespace) -> list[str]:
-  from genemamba_jax.data import tokenize_corpus
+  from genemamba_jax.data import prepare_tokens
   from genemamba_jax.data.tokenizer import TokenizeConfig
   config = TokenizeConfig(max_len=a.max_len, cls=a.cls, eos=a.eos, log1p=a.log1p,
                           min_genes=a.min_genes, primary_only=not a.keep_non_primary)
-  columns = tokenize_corpus.Columns(a.label_column, a.batch_column)
-  manifest = tokenize_corpus.tokenize_corpus(a.input, a.vocab, a.out, config, _input_config(a),
-                                             columns, a.workers, a.cells_per_shard)
+  columns = prepare_tokens.Columns(a.label_column, a.batch_column)
+  manifest = prepare_tokens.tokenize_corpus(a.input, a.vocab, a.out, config, _input_config(a),
+                                            columns, a.workers, a.cells_per_shard)
   s = manifest["summary"]
   lengths = f"{s['seconds']:.1f} s, {s['cells_read'] / max(s['seconds'], 1e-9):,.0f} cells/s"
-  return (corpus.summary_lines(_counter(s), s["genes_matched"])
+  return (jobs.summary_lines(_counter(s), s["genes_matched"])
           + [f"labels: {len(manifest['labels'])}, batches: {len(manifest['batches'])}",
              f"written: {len(manifest['shards'])} shard(s) and manifest.json in {a.out} ({lengths})"])
 
@@ -91,8 +91,8 @@ def _import_geneformer(a: argparse.Namespace) -> list[str]:
 
 
 def _merge(a: argparse.Namespace) -> list[str]:
-  from genemamba_jax.data import medians
-  v, meds, _ = medians.merge_vocab_dirs(a.input, a.out)
+  from genemamba_jax.data import prepare_medians
+  v, meds, _ = prepare_medians.merge_vocab_dirs(a.input, a.out)
   return [f"merged {len(a.input)} digest sets: {len(v):,} tokens, {len(meds):,} genes",
           f"written: {a.out}"]
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from genemamba_jax.data import genes
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.train.config import DEMO_DATA
 from genemamba_jax.data.vocab import import_geneformer
 from genemamba_jax.model import GeneMamba, GeneMambaConfig

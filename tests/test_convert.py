@@ -37,11 +37,11 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from genemamba_jax import convert, inference, pretrained
+from genemamba_jax import convert, inference, rundir
 from genemamba_jax.convert import __main__ as convert_cli
 from genemamba_jax.convert.original_files import ORIGINAL_TOKENIZE
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import open_source
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.convert import flatten
@@ -124,7 +124,7 @@ class Conversion:
 
   def __init__(self, oracle, original: Path, run: Path):
     self.oracle, self.original, self.run = oracle, original, run
-    self.loaded = pretrained.load_pretrained(run)
+    self.loaded = rundir.load_pretrained(run)
 
 
 def _convert(tmp: Path, oracle, tokens, mode, identity) -> Conversion:
@@ -263,7 +263,7 @@ def _our_run(tmp: Path, combine: str, residual: str, seed: int) -> Path:
 def test_our_run_exports_and_the_original_computes_the_same(tmp_path, kang_cells, combine,
                                                             residual):
   run = _our_run(tmp_path, combine, residual, seed=3)
-  loaded = pretrained.load_pretrained(run)
+  loaded = rundir.load_pretrained(run)
   out = convert.export_pytorch(run, tmp_path / "exported")
   config = _json(out / "config.json")
   assert {k: config[k] for k in ("architectures", "d_model", "mamba_layer", "vocab_size")} == {
@@ -367,9 +367,9 @@ def test_fine_tuned_classifier_matches_the_original_and_exports_back(tmp_path, t
 
 def test_add_tokens_appends_rows_at_the_mean_gene_row(conversions, eight_cells):
   loaded = conversions("gate", False).loaded
-  grown = pretrained.add_tokens(loaded, [vocab_lib.CLS])
+  grown = rundir.add_tokens(loaded, [vocab_lib.CLS])
   assert grown.vocab.cls_id == 25_426 and grown.config.vocab_size == 25_427
-  assert pretrained.add_tokens(grown, [vocab_lib.CLS]) is grown  # already there
+  assert rundir.add_tokens(grown, [vocab_lib.CLS]) is grown  # already there
   genes = slice(2, 25_426)
   old = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(loaded.model))).items()}
   new = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(grown.model))).items()}
@@ -510,7 +510,7 @@ def _train(corpus, init, workdir, objective, **overrides):
 
 
 def _params(step_dir):
-  return {k: np.asarray(v) for k, v in flatten(pretrained.restore_params(step_dir)).items()}
+  return {k: np.asarray(v) for k, v in flatten(rundir.restore_params(step_dir)).items()}
 
 
 @pytest.mark.slow
@@ -693,7 +693,7 @@ def test_from_pytorch_refuses_an_existing_out_and_cleans_up_a_failed_write(
   (tmp_path / "empty").mkdir()
   assert _cli(capsys, "from-pytorch", "--input", original, "--out", tmp_path / "empty",
               "--median-dictionary", fake_medians)[0] == 0
-  assert pretrained.load_pretrained(tmp_path / "empty").config.vocab_size == 32
+  assert rundir.load_pretrained(tmp_path / "empty").config.vocab_size == 32
   from genemamba_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
 
   def disk_full(*args, **kwargs):
@@ -720,7 +720,7 @@ def test_missing_medians_and_tokenizer_name_what_to_pass(tmp_path, capsys, fake_
   status, _, err = _cli(capsys, "from-pytorch", "--input", original, "--out", tmp_path / "run",
                         "--median-dictionary", fake_medians, "--token-dictionary", dictionary)
   assert status == 0, err
-  assert pretrained.load_pretrained(tmp_path / "run").vocab.token_to_id == {
+  assert rundir.load_pretrained(tmp_path / "run").vocab.token_to_id == {
       "<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(FAKE_GENES)}}
 
 

@@ -13,7 +13,7 @@ import tdigest
 
 from genemamba_jax.data import tdigest_kernels as tk
 from genemamba_jax.data.digests import GeneDigests
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 REAL_FILES = ["kang_pbmc_ifnb.h5ad", "pbmc68k_reduced_counts.h5ad"]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from genemamba_jax import embed, pretrained
-from genemamba_jax.data.errors import DataError
+from genemamba_jax import embed, rundir
+from genemamba_jax.errors import DataError
 from tests.conftest import SHARED_DATA
 
 
@@ -56,14 +56,14 @@ def test_batch_size_does_not_change_embeddings(kang_pretrained, kang_subset):
     np.testing.assert_allclose(one.cells[pooling], big.cells[pooling], atol=1e-5)
   np.testing.assert_allclose(one.gene_context, big.gene_context, atol=1e-5)
   # Rows are per cell: a cell alone gives its own row of the batched result.
-  alone = embed.embed_source(pretrained.load_pretrained(kang_pretrained),
+  alone = embed.embed_source(rundir.load_pretrained(kang_pretrained),
                              _source(kang_subset, [17]), poolings=("mean",), progress=False)
   np.testing.assert_allclose(alone.cells["mean"][0], big.cells["mean"][17], atol=1e-5)
 
 
 def test_gene_context_is_the_mean_state_over_occurrences(kang_pretrained, kang_subset):
   from genemamba_jax import inference
-  model = pretrained.load_pretrained(kang_pretrained)
+  model = rundir.load_pretrained(kang_pretrained)
   result = embed.embed_file(kang_pretrained, kang_subset, gene_context=True, progress=False)
   cells, _, _ = inference.tokenize_all(model.tokenizer(), _source(kang_subset), desc=None)
   gene = result.context_gene_ids[5]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genemamba_jax import inference, pretrained
+from genemamba_jax import inference, rundir
 from genemamba_jax.evaluate import __main__ as cli
 from genemamba_jax.evaluate import reconstruction
 from tests.conftest import SHARED_DATA
@@ -21,7 +21,7 @@ def test_dataset_order_by_count_then_mean_position():
 
 
 def test_reconstruct_scores_each_protocol_on_gene_positions(kang_pretrained):
-  model = pretrained.load_pretrained(kang_pretrained)
+  model = rundir.load_pretrained(kang_pretrained)
   from genemamba_jax.data.readers import open_source
   cells, _, _ = inference.tokenize_all(model.tokenizer(), open_source(KANG), desc=None)
   cells = cells[:12]

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from genemamba_jax.data import fast_tokenize
+from genemamba_jax.data import rank_kernel
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
-from genemamba_jax.data import ranking
+from genemamba_jax.data import rank_reference
 from genemamba_jax.data import safe_pickle
 from genemamba_jax.data import vocab as vocab_lib
 from genemamba_jax.data.readers import AnnDataSource, CellChunk
@@ -21,14 +21,14 @@ from genemamba_jax.data.tokenizer import CellTokenizer, TokenizeConfig
 
 def _numpy_path(counts, mapper, inverse_median, target_tokens, keep_rows, min_genes, max_genes,
                 log1p):
-  """What the kernel replaces: qc.normalize_chunk + ranking.rank_genes + token lookup."""
+  """What the kernel replaces: qc.normalize_chunk + rank_reference.rank_genes + token lookup."""
   n = counts.shape[0]
   chunk = CellChunk(counts, np.arange(n).astype(str),
                     pd.DataFrame({qc.PRIMARY_COLUMN: np.asarray(keep_rows, bool)}), 0)
   source = types.SimpleNamespace(path="<test>", layer=None, gene_ids=None)
   cells = qc.normalize_chunk(chunk, source, mapper, qc.QCConfig(min_genes, True, log1p),
                              collections.Counter())
-  columns, offsets = ranking.rank_genes(cells.values, inverse_median, max_genes)
+  columns, offsets = rank_reference.rank_genes(cells.values, inverse_median, max_genes)
   kept = np.zeros(n, bool)
   kept[cells.obs_names.astype(int)] = True
   return target_tokens[columns], offsets, kept
@@ -37,9 +37,9 @@ def _numpy_path(counts, mapper, inverse_median, target_tokens, keep_rows, min_ge
 def _assert_same(counts, mapper, inverse_median, target_tokens, keep_rows=None, min_genes=1,
                  max_genes=2048, log1p=False):
   keep_rows = np.ones(counts.shape[0], bool) if keep_rows is None else keep_rows
-  got = fast_tokenize.rank_tokenize(counts.data, counts.indices, counts.indptr,
-                                    mapper.column_to_target, inverse_median, target_tokens,
-                                    keep_rows, min_genes, max_genes, log1p)
+  got = rank_kernel.rank_tokenize(counts.data, counts.indices, counts.indptr,
+                                  mapper.column_to_target, inverse_median, target_tokens,
+                                  keep_rows, min_genes, max_genes, log1p)
   want = _numpy_path(counts, mapper, inverse_median, target_tokens, keep_rows, min_genes,
                      max_genes, log1p)
   for name, g, w in zip(("tokens", "offsets", "kept"), got, want):
@@ -155,11 +155,11 @@ def test_bad_inputs_raise():
   args = [counts.data, counts.indices, counts.indptr, mapper.column_to_target, inv, tokens,
           np.ones(10, bool), 1, 100, False]
   with pytest.raises(ValueError):
-    fast_tokenize.rank_tokenize(*args[:6], np.ones(9, bool), *args[7:])
+    rank_kernel.rank_tokenize(*args[:6], np.ones(9, bool), *args[7:])
   with pytest.raises(IndexError):
-    fast_tokenize.rank_tokenize(*args[:3], mapper.column_to_target[:50], *args[4:])
+    rank_kernel.rank_tokenize(*args[:3], mapper.column_to_target[:50], *args[4:])
   with pytest.raises(IndexError):
-    fast_tokenize.rank_tokenize(*args[:3], mapper.column_to_target + 80, *args[4:])
+    rank_kernel.rank_tokenize(*args[:3], mapper.column_to_target + 80, *args[4:])
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ def test_real_data_equals_tokenizer(shared_data, geneformer, name, max_len, log1
   mapper = tokenizer.mapper(source)
   for chunk in source.chunks(512):
     x = chunk.counts
-    tokens, offsets, kept = fast_tokenize.rank_tokenize(
+    tokens, offsets, kept = rank_kernel.rank_tokenize(
         x.data, x.indices, x.indptr, mapper.column_to_target, tokenizer.inverse_median,
         tokenizer.target_tokens, np.ones(x.shape[0], bool), tokenizer.config.min_genes,
         tokenizer.max_genes, log1p)
@@ -198,5 +198,5 @@ def test_real_data_equals_tokenizer(shared_data, geneformer, name, max_len, log1
 
 
 def test_warm_up_compiles_every_dtype():
-  fast_tokenize.warm_up()
-  assert len(fast_tokenize._kernel.signatures) >= 4
+  rank_kernel.warm_up()
+  assert len(rank_kernel._kernel.signatures) >= 4

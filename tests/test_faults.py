@@ -144,7 +144,7 @@ def one_line(run: Run, status: int, prefix: str, stream: str = "stderr") -> str:
   err = run.stderr()
   # 130 after Ctrl-C, or ended by SIGINT itself, which a shell reports as 130 too (CPython
   # exits so when a KeyboardInterrupt went through an extension module's import, even one the
-  # command caught; seen before cli._on_signal deferred signals out of imports).
+  # command caught; seen before signals._on_signal deferred signals out of imports).
   statuses = (130, -signal.SIGINT) if status == 130 else (status,)
   assert run.process.returncode in statuses, str(run)
   text = run.stdout() if stream == "stdout" else err
@@ -629,18 +629,18 @@ def test_evaluate_gene_pairs(base, env, inputs, references):
 def test_sigterm_unwinds_a_command_like_ctrl_c(tmp_path, capsys):
   """Python's default SIGTERM ends a process where it stands; under cli.guarded it raises,
   so atomic writes remove their temporaries, and the command ends in one line with 143."""
-  from genemamba_jax import atomic, cli  # pylint: disable=g-import-not-at-top
+  from genemamba_jax import cli, files, signals  # pylint: disable=g-import-not-at-top
   target = tmp_path / "out.csv"
 
   def command():
-    with atomic.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
       tmp.write_text("half")
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(10)  # the handler raises in this thread before the sleep ends
     return ["never"]
 
   before = signal.getsignal(signal.SIGTERM)
-  assert cli.guarded(command) == cli.TERMINATED == 143
+  assert cli.guarded(command) == signals.TERMINATED == 143
   err = capsys.readouterr().err
   assert [l for l in err.splitlines() if l] == [
       "terminated (SIGTERM): nothing half-written is kept; re-run the command to do it again"]

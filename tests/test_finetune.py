@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from genemamba_jax.annotation import loop, splits
 from genemamba_jax.annotation.config import default_config
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from tests.conftest import SHARED_DATA
 
 KANG = "kang_pbmc_ifnb.h5ad"
@@ -162,19 +162,19 @@ def test_cls_never_seen_in_pretraining_starts_at_the_mean_gene_embedding(
     kang_pretrained, kang_with_partition, tmp_path):
   import shutil
 
-  from genemamba_jax import pretrained
+  from genemamba_jax import rundir
   run = tmp_path / "run_without_cls"
   shutil.copytree(kang_pretrained, run)
   info = json.loads((run / "vocab" / "vocab_info.json").read_text())
   info["tokenize"]["cls"] = False  # as if pretrained on sentences without <cls>
   (run / "vocab" / "vocab_info.json").write_text(json.dumps(info))
-  base = pretrained.load_pretrained(run)
+  base = rundir.load_pretrained(run)
   table = np.asarray(base.model.embeddings.embedding[...])
   genes = base.vocab.gene_token_ids(base.vocab.gene_ids)
   # One step at a negligible learning rate: the saved <cls> row is the initial one.
   loop.finetune(_config(run, kang_with_partition, num_steps=1, lr=1e-12,
                         split_column="partition"), tmp_path / "out")
-  tuned = pretrained.load_pretrained(tmp_path / "out")
+  tuned = rundir.load_pretrained(tmp_path / "out")
   cls_row = np.asarray(tuned.model.embeddings.embedding[...])[base.vocab.cls_id]
   np.testing.assert_allclose(cls_row, table[genes].mean(axis=0), atol=1e-6)
   assert tuned.tokenize["cls"] is True

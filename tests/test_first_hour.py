@@ -14,9 +14,8 @@ import anndata
 import numpy as np
 import pytest
 
-from genemamba_jax import cli, prepare
-from genemamba_jax.data import errors
-from genemamba_jax.data.errors import DataError
+from genemamba_jax import errors, prepare, signals
+from genemamba_jax.errors import DataError
 from tests import oracles
 from tests.conftest import require_parity
 
@@ -106,7 +105,7 @@ def test_4_ctrl_c_saves_a_checkpoint_and_each_step_is_logged_once(tmp_path, env)
     time.sleep(0.2)
   process.send_signal(signal.SIGINT)
   _, err = process.communicate(timeout=600)
-  assert process.returncode == cli.INTERRUPTED, err[-3000:]
+  assert process.returncode == signals.INTERRUPTED, err[-3000:]
   assert "Traceback" not in err and "saved a checkpoint at step" in err
   saved = int(err.split("saved a checkpoint at step ")[1].split()[0])
   assert (workdir / "checkpoints" / str(saved) / "state").is_dir()

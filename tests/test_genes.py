@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from genemamba_jax.data import genes
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 
 def test_gene_table_biotypes_real(shared_data):

@@ -18,7 +18,7 @@ from sklearn.metrics import (
 )
 from sklearn.neighbors import NearestNeighbors
 
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.evaluate import integration
 
 KANG = "kang_pbmc_ifnb.h5ad"

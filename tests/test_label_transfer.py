@@ -11,7 +11,7 @@ import pytest
 from sklearn.neighbors import NearestNeighbors
 
 from genemamba_jax import label_transfer as lt
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from tests.conftest import SHARED_DATA
 
 
@@ -143,8 +143,8 @@ def test_cli_writes_every_query_cell_in_input_order(kang_pretrained, kang_files,
 
 @pytest.mark.slow
 def test_python_api_and_h5ad_output_agree(kang_pretrained, kang_files, tmp_path):
-  from genemamba_jax import pretrained  # pylint: disable=g-import-not-at-top
-  run = pretrained.load_pretrained(kang_pretrained)
+  from genemamba_jax import rundir  # pylint: disable=g-import-not-at-top
+  run = rundir.load_pretrained(kang_pretrained)
   reference = anndata.read_h5ad(kang_files["reference"])
   frame = lt.label_transfer(run, reference, "cell_type", kang_files["query"], k=5,
                             progress=False)

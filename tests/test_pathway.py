@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from genemamba_jax.data import genes
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.vocab import Vocab, import_geneformer
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.train import objectives, pathway

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from genemamba_jax import perturb as pt
-from genemamba_jax import pretrained
-from genemamba_jax.data.errors import DataError
+from genemamba_jax import rundir
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.vocab import Vocab
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from tests.conftest import SHARED_DATA
@@ -74,7 +74,7 @@ def tiny():
   config = GeneMambaConfig(vocab_size=len(vocab), d_model=16, n_layers=1, mixer="mamba2",
                            headdim=8, d_state=8)
   model = GeneMamba(config, rngs=nnx.Rngs(0))
-  return pretrained.Pretrained(model, config, vocab, {}, {"max_len": 12, "cls": True}, None)
+  return rundir.Pretrained(model, config, vocab, {}, {"max_len": 12, "cls": True}, None)
 
 
 def _sentences(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -178,7 +178,7 @@ def test_cli_rows_columns_and_real_cells(kang_pretrained, kang_cells, tmp_path):
 @pytest.mark.slow
 def test_delete_on_real_cells_batch_size_free_and_zero_where_absent(kang_pretrained, kang_cells,
                                                                     caplog):
-  run = pretrained.load_pretrained(kang_pretrained)
+  run = rundir.load_pretrained(kang_pretrained)
   genes = ["ISG15", "IFI6", "ACTB"]
   big = pt.perturb(run, kang_cells, genes, "delete", batch_size=64, progress=False)
   one = pt.perturb(run, anndata.read_h5ad(kang_cells), genes, "delete", batch_size=1,

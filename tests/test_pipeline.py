@@ -7,7 +7,7 @@ import pytest
 
 from genemamba_jax.data import pipeline
 from genemamba_jax.data import records
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 CLS, EOS = 2, 3
 NUM_CELLS = 51

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from genemamba_jax import progress
-from genemamba_jax.train import metrics
+from genemamba_jax.train import metric_writer
 
 
 def _frames(err: str, prefix: str) -> list[str]:
@@ -44,7 +44,7 @@ def test_a_bar_left_by_an_error_ends_its_line_before_the_error(capsys):
 
 
 def test_train_bar_shows_the_loss_of_the_step_just_logged(tmp_path, capsys):
-  writer = metrics.MetricsWriter(str(tmp_path), total_steps=30, start_step=0)
+  writer = metric_writer.MetricsWriter(str(tmp_path), total_steps=30, start_step=0)
   try:
     for step, loss in ((10, 7.0), (20, 5.5), (30, 4.25)):
       time.sleep(0.15)  # past tqdm's mininterval, so every move draws

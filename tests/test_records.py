@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from genemamba_jax.data import records
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 SPECIAL = {"pad": 0, "mask": 1, "cls": 2, "eos": 3}
 

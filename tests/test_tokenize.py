@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from genemamba_jax.data import ranking
+from genemamba_jax.data import rank_reference
 from genemamba_jax.data import safe_pickle
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import AnnDataSource, open_source
 from genemamba_jax.data.tokenizer import CellTokenizer, TokenizeConfig, tokenize_anndata
 from tests import oracles
@@ -86,7 +86,7 @@ def test_ties_keep_gene_order_and_float32_near_ties_are_exact():
   medians = np.array([1.0, 2.0, 2.0, 1.0])
   base = 3.0
   values = sp.csr_matrix(np.array([[base, 2 * base, 2 * base, np.nextafter(base, 10)]]))
-  columns, offsets = ranking.rank_genes(values, 1.0 / medians, 10)
+  columns, offsets = rank_reference.rank_genes(values, 1.0 / medians, 10)
   assert columns.tolist() == [3, 0, 1, 2]
   assert offsets.tolist() == [0, 4]
 
@@ -97,7 +97,7 @@ def test_rank_genes_matches_per_cell_argsort_on_generated_data():
   values.sort_indices()
   inverse = 1.0 / rng.choice([0.5, 1.0, 1.0 + 1e-12, 3.0], size=500)
   for max_len in (1000, 37):
-    columns, offsets = ranking.rank_genes(values, inverse, max_len)
+    columns, offsets = rank_reference.rank_genes(values, inverse, max_len)
     for i in range(values.shape[0]):
       row = values.getrow(i)
       expected = row.indices[np.lexsort((row.indices, -row.data * inverse[row.indices]))][:max_len]
@@ -105,7 +105,7 @@ def test_rank_genes_matches_per_cell_argsort_on_generated_data():
 
 
 def test_add_special_tokens():
-  tokens, offsets = ranking.add_special_tokens(np.array([7, 8, 9]), np.array([0, 2, 2, 3]), 2, 3)
+  tokens, offsets = rank_reference.add_special_tokens(np.array([7, 8, 9]), np.array([0, 2, 2, 3]), 2, 3)
   assert tokens.tolist() == [2, 7, 8, 3, 2, 3, 2, 9, 3]
   assert offsets.tolist() == [0, 4, 6, 9]
 

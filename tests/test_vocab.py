@@ -11,7 +11,7 @@ import pytest
 
 from genemamba_jax.data import safe_pickle
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.vocab import Vocab
 
 

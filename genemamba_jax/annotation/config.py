@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 
 def default_config() -> ml_collections.ConfigDict:

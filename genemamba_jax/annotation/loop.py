@@ -23,16 +23,16 @@ from flax import nnx
 
 from genemamba_jax import inference
 from genemamba_jax import progress as progress_lib
-from genemamba_jax import pretrained as pretrained_lib
+from genemamba_jax import rundir
 from genemamba_jax.annotation import config as config_lib
 from genemamba_jax.annotation import report
 from genemamba_jax.annotation import splits as splits_lib
 from genemamba_jax.annotation.head import CellTypeClassifier, ClassifierHead
-from genemamba_jax.atomic import atomic_dir, atomic_path
+from genemamba_jax.files import atomic_dir, atomic_path
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data import errors
-from genemamba_jax.data.errors import DataError
+from genemamba_jax import errors
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import AnnDataSource
 from genemamba_jax.train.checkpoint import Checkpointer
 
@@ -53,7 +53,7 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """
   config_lib.check(c)
   workdir = Path(workdir)
-  if (workdir / "metrics.json").exists() or (workdir / pretrained_lib.CHECKPOINTS).exists():
+  if (workdir / "metrics.json").exists() or (workdir / rundir.CHECKPOINTS).exists():
     raise DataError(f"{workdir}: already holds a fine-tuned run; choose a new --workdir or "
                     "remove it")
   with errors.option_names(**OPTION_NAMES):
@@ -68,13 +68,13 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
   """`finetune`, writing into `workdir` (the hidden sibling)."""
   # --- the pretrained backbone, with a trained-looking <cls>
-  base = pretrained_lib.load_pretrained(c.init_checkpoint)
+  base = rundir.load_pretrained(c.init_checkpoint)
   # <cls> first, as the original fine-tunes.
   if base.vocab.cls_id is None:  # e.g. a converted original checkpoint: append the row
-    base = pretrained_lib.add_tokens(base, [vocab_lib.CLS])
+    base = rundir.add_tokens(base, [vocab_lib.CLS])
   elif not base.tokenize.get("cls") and base.task is None:
     # Never seen in pretraining: start it at the mean gene embedding (the original's choice).
-    pretrained_lib.start_at_gene_mean(base.model, base.vocab, base.vocab.cls_id)
+    rundir.start_at_gene_mean(base.model, base.vocab, base.vocab.cls_id)
   backbone = base.model
 
   # --- cells, labels, splits
@@ -157,8 +157,8 @@ def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
   task = {"label_column": c.label_column, "classes": classes, "pooling": c.pooling,
           "head_hidden": hidden, "dropout": c.dropout, "negative_slope": c.negative_slope,
           "init_checkpoint": str(base.checkpoint.step_dir), "num_steps": num_steps}
-  pretrained_lib.write_run_files(workdir, backbone.config, base.vocab, base.medians,
-                                 {**base.tokenize, "cls": True, "max_len": max_len}, task)
+  rundir.write_run_files(workdir, backbone.config, base.vocab, base.medians,
+                         {**base.tokenize, "cls": True, "max_len": max_len}, task)
   params = {"backbone": nnx.to_pure_dict(nnx.state(backbone, nnx.Param)),
             "head": nnx.to_pure_dict(nnx.state(head, nnx.Any(nnx.Param, nnx.BatchStat)))}
   with Checkpointer(workdir / "checkpoints", keep=1, save_every=max(num_steps, 1)) as ckpt:
@@ -175,7 +175,7 @@ class Classifier:
   """
   model: CellTypeClassifier
   classes: list[str]
-  run: pretrained_lib.Pretrained
+  run: rundir.Pretrained
 
   def predict(self, sentences, batch_size: int = 64
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -187,7 +187,7 @@ class Classifier:
 
 def load_classifier(path: str | os.PathLike) -> Classifier:
   """A fine-tuned run (or one of its checkpoints) -> its `Classifier`."""
-  loaded = pretrained_lib.load_pretrained(path)
+  loaded = rundir.load_pretrained(path)
   if loaded.task is None or loaded.head is None:
     raise DataError(f"{loaded.checkpoint.run_dir}: not a fine-tuned run (no task.json / head); "
                     "pass the --workdir of genemamba_jax.finetune")
@@ -196,7 +196,7 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
                         dropout=task["dropout"], negative_slope=task["negative_slope"],
                         rngs=nnx.Rngs(0))
   state = nnx.state(head, nnx.Any(nnx.Param, nnx.BatchStat))
-  nnx.replace_by_pure_dict(state, pretrained_lib.select_like(loaded.head, nnx.to_pure_dict(state)))
+  nnx.replace_by_pure_dict(state, rundir.select_like(loaded.head, nnx.to_pure_dict(state)))
   nnx.update(head, state)
   model = CellTypeClassifier(loaded.model, head, task["pooling"])
   model.eval()

@@ -9,8 +9,8 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from genemamba_jax.annotation.splits import SPLITS
-from genemamba_jax.atomic import atomic_path
-from genemamba_jax.data import jsonio
+from genemamba_jax.files import atomic_path
+from genemamba_jax import files
 
 
 def split_metrics(true: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, float]:
@@ -52,7 +52,7 @@ def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def write_metrics(metrics: dict, path: str | os.PathLike) -> None:
-  jsonio.write_json_atomic(path, metrics)
+  files.write_json_atomic(path, metrics)
 
 
 # Rows with fewer test cells than this are drawn faded: one cell makes a row 100% (the

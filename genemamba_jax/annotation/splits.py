@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 SPLITS = ("train", "val", "test")
 UNLABELLED = "unlabelled"  # cells without a label: predicted, never trained or scored on

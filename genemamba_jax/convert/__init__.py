@@ -28,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from genemamba_jax import pretrained as pretrained_lib
-from genemamba_jax.atomic import atomic_dir
+from genemamba_jax import rundir
+from genemamba_jax.files import atomic_dir
 from genemamba_jax.convert.original_files import (
     CLASSIFIER_FILE, CONFIG_FILE, CONVERT_PICKLE, ORIGINAL_MIXER, ORIGINAL_TOKENIZE, TOKENIZER_FILE,
     TORCH_PICKLES, WEIGHTS_FILE, classifier_tensors, head_from_classifier, installed_version,
     original_tokens, our_vocab, read_config, read_medians, read_safetensors, read_vocab,
     tokenizer_json, write_json)
-from genemamba_jax.data import jsonio
+from genemamba_jax import files
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.model import GeneMambaConfig
 from genemamba_jax.model.config import COMBINES
 from genemamba_jax.model.convert import original_state_dict, params_from_original
@@ -156,12 +156,12 @@ def write_run(converted: Converted, out: str | os.PathLike) -> Path:
   out = Path(out)
   try:
     with atomic_dir(out) as tmp:
-      pretrained_lib.write_run_files(tmp, converted.config, converted.vocab, converted.medians,
-                                     converted.tokenize, converted.task, converted.info)
+      rundir.write_run_files(tmp, converted.config, converted.vocab, converted.medians,
+                             converted.tokenize, converted.task, converted.info)
       params = converted.params
       if converted.head is not None:
         params = {"backbone": params, "head": converted.head}
-      with Checkpointer(tmp / pretrained_lib.CHECKPOINTS, keep=1, save_every=1) as ckpt:
+      with Checkpointer(tmp / rundir.CHECKPOINTS, keep=1, save_every=1) as ckpt:
         ckpt.save(0, {"params": params}, force=True)
   except FileExistsError:
     raise DataError(f"{out}: exists and is not empty; choose a new --out or remove it") from None
@@ -202,12 +202,12 @@ def export_pytorch(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pat
   names the first setting the original cannot express.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  where = pretrained_lib.resolve_checkpoint(checkpoint)
-  config = pretrained_lib.load_model_config(where.run_dir)
+  where = rundir.resolve_checkpoint(checkpoint)
+  config = rundir.load_model_config(where.run_dir)
   exportable(config)
-  vocab, _, info = vocab_lib.load_vocab_dir(where.run_dir / pretrained_lib.VOCAB_DIR)
+  vocab, _, info = vocab_lib.load_vocab_dir(where.run_dir / rundir.VOCAB_DIR)
   tokens = original_tokens(vocab, info, info.get("tokenize", {}))
-  params = pretrained_lib.restore_params(where.step_dir)
+  params = rundir.restore_params(where.step_dir)
   head = None
   if "backbone" in params:
     params, head = params["backbone"], params.get("head")
@@ -224,8 +224,8 @@ def export_pytorch(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pat
   if version:
     config_json["transformers_version"] = version
   task = None
-  if head is not None and (where.run_dir / pretrained_lib.TASK_FILE).is_file():
-    task = jsonio.read_json(where.run_dir / pretrained_lib.TASK_FILE, "re-run finetune")
+  if head is not None and (where.run_dir / rundir.TASK_FILE).is_file():
+    task = files.read_json(where.run_dir / rundir.TASK_FILE, "re-run finetune")
   out = Path(out)
   try:
     with atomic_dir(out) as tmp:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from genemamba_jax.data import jsonio, safe_pickle
+from genemamba_jax.data import safe_pickle
+from genemamba_jax import files
 from genemamba_jax.data.genes import GENEFORMER_SOURCE
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "gene_tokenizer.json"
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -54,7 +55,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def read_config(directory: Path) -> dict:
   path = directory / CONFIG_FILE
-  config = jsonio.read_json(path, "pass the original GeneMamba's checkpoint directory (it holds "
+  config = files.read_json(path, "pass the original GeneMamba's checkpoint directory (it holds "
                             "config.json, model.safetensors and gene_tokenizer.json)")
   if not isinstance(config, dict):
     raise DataError(f"{path}: expected a JSON object")
@@ -72,7 +73,7 @@ def read_vocab(directory: Path, token_dictionary: str | None) -> dict[str, int]:
   """token -> id in the original's names, from gene_tokenizer.json or Geneformer's pickle."""
   path = directory / TOKENIZER_FILE
   if path.is_file():
-    data = jsonio.read_json(path, "it should be the original's tokenizers WordLevel file")
+    data = files.read_json(path, "it should be the original's tokenizers WordLevel file")
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
       raise DataError(f"{path}: no model.vocab; expected a tokenizers WordLevel file")

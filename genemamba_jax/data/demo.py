@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from genemamba_jax.atomic import atomic_path
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.files import atomic_path
+from genemamba_jax.errors import DataError
 
 LABEL_COLUMN = "bulk_labels"  # 10 PBMC types
 MIN_GENES = 100  # only 765 genes were kept in this subset: 200 would drop many cells
@@ -54,7 +54,7 @@ def prepare_demo(out_dir: str | os.PathLike, announce: bool = True) -> dict[str,
   it in a cache folder a user would not otherwise know of) and whether it is made now.
   """
   from genemamba_jax import progress
-  from genemamba_jax.data import medians, records, tokenize_corpus
+  from genemamba_jax.data import prepare_medians, records, prepare_tokens
   from genemamba_jax.data import vocab as vocab_lib
   from genemamba_jax.data.tokenizer import TokenizeConfig
   out = Path(out_dir)
@@ -71,13 +71,13 @@ def prepare_demo(out_dir: str | os.PathLike, announce: bool = True) -> dict[str,
     with atomic_path(paths["counts"]) as tmp:
       pbmc68k_counts().write_h5ad(tmp)
   if not (paths["vocab"] / vocab_lib.VOCAB_FILE).exists():
-    medians.compute_medians([paths["counts"]], paths["vocab"],
-                            medians.MedianConfig(min_genes=MIN_GENES))
+    prepare_medians.compute_medians([paths["counts"]], paths["vocab"],
+                            prepare_medians.MedianConfig(min_genes=MIN_GENES))
   if not (paths["tokens"] / records.MANIFEST_NAME).exists():
-    tokenize_corpus.tokenize_corpus(
+    prepare_tokens.tokenize_corpus(
         [paths["counts"]], paths["vocab"], paths["tokens"],
         TokenizeConfig(max_len=2048, cls=True, min_genes=MIN_GENES),
-        columns=tokenize_corpus.Columns(label=LABEL_COLUMN))
+        columns=prepare_tokens.Columns(label=LABEL_COLUMN))
   return paths
 
 

@@ -35,9 +35,9 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from genemamba_jax.data import jsonio
+from genemamba_jax import files
 from genemamba_jax.data import tdigest_kernels as tk
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 FORMAT = "tdigest-dict"
 VERSION = 1
@@ -232,7 +232,7 @@ class GeneDigests:
   def save(self, path, atomic: bool = True) -> None:
     """Writes the JSON file (format in the module docstring), atomically unless `atomic` is
     False (for a temporary path that is renamed as part of a group: atomic.atomic_paths)."""
-    write = jsonio.write_json_atomic if atomic else jsonio.write_json
+    write = files.write_json_atomic if atomic else files.write_json
     write(Path(path), {"format": FORMAT, "version": VERSION, "compression": self.compression,
                        "digests": self.digest_dicts()}, compact=True)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from genemamba_jax.data import safe_pickle
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 _log = logging.getLogger(__name__)
 

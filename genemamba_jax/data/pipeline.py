@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from genemamba_jax.data import records
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 # Threads per process that build whole batches ahead of the consumer. Decoding
 # is Python-bound, so more threads only fight over the GIL: at B=32, L=2048 one

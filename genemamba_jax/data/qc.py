@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from genemamba_jax.data.errors import DataError, option
+from genemamba_jax.errors import DataError, option
 from genemamba_jax.data.readers import CellChunk, CountSource
 
 TARGET_SUM = 10_000.0

@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-from genemamba_jax.data.errors import DataError, option
+from genemamba_jax.errors import DataError, option
 
 
 @dataclasses.dataclass

@@ -34,8 +34,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from genemamba_jax.data import jsonio
-from genemamba_jax.data.errors import DataError
+from genemamba_jax import files
+from genemamba_jax.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -270,8 +270,8 @@ def read_shard_stats(out_dir: str | os.PathLike, shard_index: int) -> dict:
 def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]):
   """Writes ``manifest.json`` atomically (temp file, then os.replace)."""
   os.makedirs(out_dir, exist_ok=True)
-  jsonio.write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), dict(manifest),
-                           default=_json_default)
+  files.write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), dict(manifest),
+                          default=_json_default)
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:

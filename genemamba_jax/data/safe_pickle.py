@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 try:  # numpy >= 2 moved the implementation to numpy._core.
   from numpy._core.multiarray import scalar as _np_scalar

@@ -19,12 +19,12 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from genemamba_jax.data import fast_tokenize
+from genemamba_jax.data import rank_kernel
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
-from genemamba_jax.data import ranking
+from genemamba_jax.data import rank_reference
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError, option
+from genemamba_jax.errors import DataError, option
 from genemamba_jax.data.readers import AnnDataSource, CellChunk, CountSource
 
 
@@ -142,7 +142,7 @@ class CellTokenizer:
     qc.check_counts(chunk, source)
     keep = qc.primary_mask(chunk, self.config.qc, stats)
     counts = chunk.counts
-    tokens, offsets, kept = fast_tokenize.rank_tokenize(
+    tokens, offsets, kept = rank_kernel.rank_tokenize(
         counts.data, counts.indices, counts.indptr, mapper.column_to_target, self.inverse_median,
         self.target_tokens, keep, self.config.min_genes, self.max_genes, self.config.log1p)
     stats["cells_read"] += len(kept)
@@ -153,12 +153,12 @@ class CellTokenizer:
 
   def tokenize_normalized(self, cells: qc.NormalizedCells) -> TokenizedCells:
     """The numpy reference path: ranks cells that `qc.normalize_chunk` produced."""
-    columns, offsets = ranking.rank_genes(cells.values, self.inverse_median, self.max_genes)
+    columns, offsets = rank_reference.rank_genes(cells.values, self.inverse_median, self.max_genes)
     return self._sentences(self.target_tokens[columns], offsets, cells.obs_names, cells.obs)
 
   def _sentences(self, tokens: np.ndarray, offsets: np.ndarray, obs_names: np.ndarray,
                  obs: pd.DataFrame) -> TokenizedCells:
-    tokens, offsets = ranking.add_special_tokens(
+    tokens, offsets = rank_reference.add_special_tokens(
         tokens, offsets, self.vocab.cls_id if self.config.cls else None,
         self.vocab.eos_id if self.config.eos else None)
     return TokenizedCells(tokens, offsets, obs_names, obs)

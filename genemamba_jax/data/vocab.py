@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from genemamba_jax.atomic import atomic_paths
-from genemamba_jax.data import genes, jsonio
+from genemamba_jax.files import atomic_paths
+from genemamba_jax.data import genes
+from genemamba_jax import files
 from genemamba_jax.data import safe_pickle
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
 SPECIAL_TOKENS = (PAD, MASK, CLS, EOS)
@@ -220,9 +221,9 @@ def save_vocab_dir(out_dir: str | Path, vocab: Vocab,
   """
   out_dir = Path(out_dir)
   checked = _check_medians(vocab, medians, f"medians for {out_dir}")
-  writers = {VOCAB_FILE: lambda path: jsonio.write_json(path, vocab.token_to_id),
-             MEDIANS_FILE: lambda path: jsonio.write_json(path, checked),
-             INFO_FILE: lambda path: jsonio.write_json(path, dict(extra_info or {})),
+  writers = {VOCAB_FILE: lambda path: files.write_json(path, vocab.token_to_id),
+             MEDIANS_FILE: lambda path: files.write_json(path, checked),
+             INFO_FILE: lambda path: files.write_json(path, dict(extra_info or {})),
              **(extra_files or {})}
   with atomic_paths([out_dir / name for name in writers], fsync=True) as temps:
     for write, tmp in zip(writers.values(), temps):
@@ -246,7 +247,7 @@ def load_vocab_dir(
     raise DataError(f"{vocab_dir}: vocabulary directory not found; {hint}")
 
   def read_object(name: str, what: str) -> dict:
-    obj = jsonio.read_json(vocab_dir / name, hint)
+    obj = files.read_json(vocab_dir / name, hint)
     if not isinstance(obj, dict):
       raise DataError(f"{vocab_dir / name}: expected a JSON object of {what}; "
                       f"{hint}")

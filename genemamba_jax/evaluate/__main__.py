@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from genemamba_jax import cli, progress
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 
 def _integration(a) -> list[str]:
@@ -41,11 +41,11 @@ def _reconstruction(a) -> list[str]:
   progress.status(f"reconstruction: gene ranks of {a.input} rebuilt by {a.checkpoint}; "
                   "loading JAX and the model")
   log = _step("reconstruction")
-  from genemamba_jax import inference, pretrained  # pylint: disable=g-import-not-at-top
+  from genemamba_jax import inference, rundir  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data import genes  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data.readers import open_source  # pylint: disable=g-import-not-at-top
   from genemamba_jax.evaluate import reconstruction  # pylint: disable=g-import-not-at-top
-  model = pretrained.load_pretrained(a.checkpoint)
+  model = rundir.load_pretrained(a.checkpoint)
   tokenizer = model.tokenizer(max_len=a.max_len,
                               gene_map=genes.load_gene_map(a.gene_map) if a.gene_map else None)
   log(f"tokenizing {a.input} with the checkpoint's vocabulary")
@@ -97,8 +97,8 @@ def _gene_vectors(a) -> tuple[list[str], np.ndarray]:
   if not a.checkpoint:
     raise DataError("give --checkpoint (input embeddings) or --genes GENES.npz from "
                     "`embed --genes-output`")
-  from genemamba_jax import pretrained  # pylint: disable=g-import-not-at-top
-  model = pretrained.load_pretrained(a.checkpoint)
+  from genemamba_jax import rundir  # pylint: disable=g-import-not-at-top
+  model = rundir.load_pretrained(a.checkpoint)
   vocab = model.vocab
   table = np.asarray(model.model.embeddings.embedding[...], np.float32)
   return vocab.gene_ids, table[vocab.gene_token_ids(vocab.gene_ids)]

@@ -17,10 +17,10 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 from sklearn.metrics import roc_auc_score
 
-from genemamba_jax.atomic import atomic_path, atomic_paths
+from genemamba_jax.files import atomic_path, atomic_paths
 from genemamba_jax.data import genes as genes_lib
-from genemamba_jax.data.errors import DataError
-from genemamba_jax.data.jsonio import write_json
+from genemamba_jax.errors import DataError
+from genemamba_jax.files import write_json
 
 # Added to every histogram bin so KL stays finite where the negative
 # histogram is empty; small enough not to move non-degenerate values.

@@ -23,9 +23,9 @@ from scib_metrics.nearest_neighbors import jax_approx_min_k
 from scib_metrics.utils import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from genemamba_jax.atomic import atomic_paths
-from genemamba_jax.data.errors import DataError
-from genemamba_jax.data.jsonio import write_json
+from genemamba_jax.files import atomic_paths
+from genemamba_jax.errors import DataError
+from genemamba_jax.files import write_json
 
 METHODS = ("genemamba", "pca", "harmony")
 METRIC_KEYS = ("nmi", "ari", "asw_label", "asw_batch", "graph_connectivity", "ilisi",

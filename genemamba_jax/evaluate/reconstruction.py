@@ -24,8 +24,7 @@ import numpy as np
 import pandas as pd
 
 from genemamba_jax import inference
-from genemamba_jax.atomic import atomic_path, atomic_paths
-from genemamba_jax.data import jsonio
+from genemamba_jax.files import atomic_path, atomic_paths, write_json
 from genemamba_jax.evaluate import reconstruction_metrics as rm
 
 PROTOCOLS = ("same_position", "next_gene")
@@ -185,15 +184,15 @@ def write_outputs(summary: pd.DataFrame, per_cell: pd.DataFrame, out_dir, refere
 
   Returns the paths written (`output_files`).
   """
-  files = output_files(out_dir)
+  paths = output_files(out_dir)
   records = {m: {k: (None if isinstance(v, float) and np.isnan(v) else v)
                  for k, v in row.items()} for m, row in summary.iterrows()}
   fig = rank_figure(references, hypotheses, summary)
   # The files replace the folder's old ones together, or not at all (a full disk, Ctrl-C).
-  with atomic_paths(files) as (csv, json_file, cells_csv, png):
+  with atomic_paths(paths) as (csv, json_file, cells_csv, png):
     summary.to_csv(csv, index=True)
-    jsonio.write_json(json_file, records,
+    write_json(json_file, records,
                       default=lambda v: v.item() if hasattr(v, "item") else str(v))
     per_cell.to_csv(cells_csv, index=False)
     fig.savefig(png, format="png", dpi=110)
-  return files
+  return paths

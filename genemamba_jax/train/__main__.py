@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from genemamba_jax import cli
+from genemamba_jax import cli, signals
 
 
 def _run(config, workdir: str) -> list[str]:
@@ -21,7 +21,7 @@ def _run(config, workdir: str) -> list[str]:
   result = loop.train_and_evaluate(config, workdir)
   lines = loop.summary_lines(result, os.path.abspath(workdir))
   if result.get("stopped") == "SIGINT":  # exit status 130, as for any Ctrl-C
-    raise cli.Interrupted("\n".join(lines))
+    raise signals.Interrupted("\n".join(lines))
   return lines
 
 

@@ -35,7 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from genemamba_jax import cli
+from genemamba_jax import signals
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -195,7 +195,7 @@ def _quiet_failed_saves() -> None:
   When a TensorStore write fails, Orbax logs the error with its traceback from each of
   its threads (absl ERROR records), asyncio logs the write tasks it abandoned, and the
   writes still in flight complete into event loops Orbax already closed (each a
-  RuntimeError traceback through sys.unraisablehook, which cli.install_unraisable_hook
+  RuntimeError traceback through sys.unraisablehook, which signals.install_unraisable_hook
   drops). `_reporting_full_disk` reports the failure in one line; the log records that
   carry an out-of-space error are dropped, and only those.
   """
@@ -212,4 +212,4 @@ def _quiet_failed_saves() -> None:
   # tasks the failed save abandoned.
   logging.getLogger("absl").addFilter(keep)
   logging.getLogger("asyncio").addFilter(keep)
-  cli.install_unraisable_hook()
+  signals.install_unraisable_hook()

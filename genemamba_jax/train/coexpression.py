@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genemamba_jax.data import genes as genes_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.train import pathway
 
 _log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import dataclasses
 
 import ml_collections
 
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.model import GeneMambaConfig
 
 # `data.path` of the embedded demo data (configs/demo.py): scanpy's pbmc68k_reduced, prepared once.

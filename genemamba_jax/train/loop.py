@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from genemamba_jax import pretrained
+from genemamba_jax import rundir
 from genemamba_jax.data import genes, records
 from genemamba_jax.data.pipeline import PipelineConfig, make_dataset
 from genemamba_jax.data.vocab import Vocab
 from genemamba_jax.train import checkpoint as checkpoint_lib
 from genemamba_jax.train import coexpression as coexpression_lib
 from genemamba_jax.train import config as config_lib
-from genemamba_jax.train import metrics as metrics_lib
+from genemamba_jax.train import metric_writer
 from genemamba_jax.train import objectives, sharding
 from genemamba_jax.train import pathway as pathway_lib
 from genemamba_jax.train import resume
@@ -104,7 +104,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   resume.check_resumable(workdir, json.loads(config_json), model_config, manifest["vocab"])
   done_before = resume.latest_step(workdir) or 0
   if done_before >= c.num_steps:  # nothing to do: say so, write nothing
-    return dict(metrics_lib.last_logged(workdir), finished=done_before)
+    return dict(metric_writer.last_logged(workdir), finished=done_before)
 
   # --- mesh and the run directory's files
   mesh = sharding.make_mesh(c.mesh)
@@ -112,7 +112,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:  # what embed / finetune need beside the checkpoints
     os.makedirs(workdir, exist_ok=True)
     resume.write_config(workdir, config_json)
-    pretrained.write_run_files(
+    rundir.write_run_files(
         workdir, model_config, Vocab(manifest["vocab"], f"{path}/manifest.json"),
         manifest["medians"], {**manifest.get("settings", {}), "max_len": c.data.max_len})
   train_it = iter(make_dataset(path, _pipeline(path, c, "train", per_process)))
@@ -137,7 +137,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
                       in_shardings=(core.shardings["params"], sharding.batch_sharding(mesh),
                                     None, None))
   params_per_token = core.num_params()
-  peak = metrics_lib.peak_flops_per_device()
+  peak = metric_writer.peak_flops_per_device()
 
   # --- Ctrl-C (SIGINT) and preemption (SIGTERM): finish the step, save a checkpoint, stop.
   # A second Ctrl-C stops at once (the last finished checkpoint stays the one to resume from).
@@ -153,7 +153,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-  writer = metrics_lib.MetricsWriter(workdir, c.num_steps, start)
+  writer = metric_writer.MetricsWriter(workdir, c.num_steps, start)
   pending, last, done = [], {}, start
   try:
     for step in range(start, c.num_steps):
@@ -221,7 +221,7 @@ def summary_lines(result: dict, workdir: str) -> list[str]:
           "larger --config.num_steps to train on"]
 
 
-def _log(pending: list, writer: metrics_lib.MetricsWriter | None, params: int, peak) -> dict:
+def _log(pending: list, writer: metric_writer.MetricsWriter | None, params: int, peak) -> dict:
   """Fetches the metrics of the steps since the last log; stops on a non-finite loss.
 
   Writes the latest step's row (and moves the bar) unless `writer` is None.

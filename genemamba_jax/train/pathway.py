@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genemamba_jax.data import genes as genes_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.vocab import is_special
 from genemamba_jax.train.objectives import position_uniform
 

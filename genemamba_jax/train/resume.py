@@ -15,9 +15,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from genemamba_jax import pretrained
-from genemamba_jax.data import jsonio
-from genemamba_jax.data.errors import DataError
+from genemamba_jax import rundir
+from genemamba_jax import files
+from genemamba_jax.errors import DataError
 from genemamba_jax.model import GeneMambaConfig
 from genemamba_jax.train.warm_start import RUN_TIME_KEYS
 
@@ -29,7 +29,7 @@ FIXED_KEYS = ("seed", "batch_size", "objective", "data.path", "data.max_len",
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
   """The step of the newest finished checkpoint in `workdir`, or None (nothing is created)."""
-  steps = pretrained.finished_steps(Path(workdir) / pretrained.CHECKPOINTS)
+  steps = rundir.finished_steps(Path(workdir) / rundir.CHECKPOINTS)
   return max(steps) if steps else None
 
 
@@ -52,8 +52,8 @@ def check_resumable(workdir: str | os.PathLike, config: Mapping, model: GeneMamb
   workdir = Path(workdir)
   if latest_step(workdir) is None:
     return
-  saved_config = jsonio.read_json(workdir / CONFIG_FILE, "use a new --workdir")
-  saved_model = pretrained.load_model_config(workdir)
+  saved_config = files.read_json(workdir / CONFIG_FILE, "use a new --workdir")
+  saved_model = rundir.load_model_config(workdir)
   differences = []
   for key in FIXED_KEYS:
     old, new = _get(saved_config, key), _get(config, key)
@@ -63,7 +63,7 @@ def check_resumable(workdir: str | os.PathLike, config: Mapping, model: GeneMamb
     old, new = getattr(saved_model, field.name), getattr(model, field.name)
     if field.name not in RUN_TIME_KEYS and old != new:
       differences.append(f"model.{field.name} {old!r} -> {new!r}")
-  saved_vocab = jsonio.read_json(workdir / pretrained.VOCAB_DIR / "vocab.json", "use a new --workdir")
+  saved_vocab = files.read_json(workdir / rundir.VOCAB_DIR / "vocab.json", "use a new --workdir")
   if saved_vocab != dict(vocab):
     differences.append("the corpus's vocabulary")
   if differences:
@@ -73,4 +73,4 @@ def check_resumable(workdir: str | os.PathLike, config: Mapping, model: GeneMamb
 
 def write_config(workdir: str | os.PathLike, config_json: str) -> None:
   """config.json of the run, atomically (a killed run never leaves half of it)."""
-  jsonio.write_json_atomic(Path(workdir) / CONFIG_FILE, json.loads(config_json))
+  files.write_json_atomic(Path(workdir) / CONFIG_FILE, json.loads(config_json))

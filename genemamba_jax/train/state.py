@@ -138,10 +138,10 @@ class TrainCore:
 def place_params(state: dict, params, shardings: dict) -> dict:
   """`state` with its parameters replaced by `params` (a pure dict of the same structure,
   numpy or jax arrays), placed in `shardings` (a warm start, a pretrained backbone)."""
-  from genemamba_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from genemamba_jax import rundir  # pylint: disable=g-import-not-at-top
   current = state["params"]
   like = nnx.to_pure_dict(current)
   values = jax.tree.map(lambda ref, value: np.asarray(value, ref.dtype), like,
-                        pretrained.select_like(params, like))
+                        rundir.select_like(params, like))
   nnx.replace_by_pure_dict(current, values)
   return {**state, "params": jax.device_put(current, shardings["params"])}

@@ -19,9 +19,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from genemamba_jax import pretrained
+from genemamba_jax import rundir
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.convert import flatten
 from genemamba_jax.train import config as config_lib
@@ -34,7 +34,7 @@ RUN_TIME_KEYS = ("dtype", "scan_backend", "scan_chunk_size", "remat", "remat_pol
 def load_init(c: ml_collections.ConfigDict, corpus_vocab: Mapping[str, int], streams: str
               ) -> tuple[GeneMambaConfig, dict]:
   """(model config, parameters as a pure dict of numpy arrays) to start training from."""
-  loaded = pretrained.load_pretrained(c.init_checkpoint)
+  loaded = rundir.load_pretrained(c.init_checkpoint)
   where = f"init_checkpoint {loaded.checkpoint.run_dir}"
   ours = loaded.vocab.token_to_id
   extra = {t: i for t, i in corpus_vocab.items() if t not in ours}
@@ -45,7 +45,7 @@ def load_init(c: ml_collections.ConfigDict, corpus_vocab: Mapping[str, int], str
                     f"{corpus_vocab.get(token)} vs {ours.get(token)}); tokenize the corpus with "
                     f"`prepare tokenize --vocab {loaded.checkpoint.run_dir}/vocab`")
   if extra:
-    loaded = pretrained.add_tokens(loaded, sorted(extra, key=extra.get))
+    loaded = rundir.add_tokens(loaded, sorted(extra, key=extra.get))
   requested = config_lib.model_config(c, len(corpus_vocab), streams)
   config = loaded.config.replace(
       streams=streams, **{k: getattr(requested, k) for k in RUN_TIME_KEYS})

@@ -20,13 +20,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-
-from genemamba_jax.data import corpus
+from genemamba_jax.data import jobs
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
 from genemamba_jax.data import vocab as vocab_lib
 from genemamba_jax.data.digests import GeneDigests
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 DIGESTS_FILE = "digests.json"
 
@@ -53,12 +52,12 @@ def _allowed_genes(config: MedianConfig) -> set[str] | None:
   return _ALLOWED[config.gene_table]
 
 
-def candidate_mapper(source, config: MedianConfig, inputs: corpus.InputConfig
+def candidate_mapper(source, config: MedianConfig, inputs: jobs.InputConfig
                      ) -> tuple[qc.GeneMapper, list[str]]:
   """Maps a source's genes onto its own candidate genes; returns (mapper, candidate ids)."""
   ids = source.gene_ids
   if inputs.gene_map is not None:
-    ids = genes_lib.map_gene_ids(ids, corpus.gene_map(inputs))
+    ids = genes_lib.map_gene_ids(ids, jobs.gene_map(inputs))
   allowed = _allowed_genes(config)
   candidates = sorted({g for g in ids if g is not None and (allowed is None or g in allowed)})
   if not candidates:
@@ -70,9 +69,9 @@ def candidate_mapper(source, config: MedianConfig, inputs: corpus.InputConfig
   return qc.GeneMapper(ids, {g: i for i, g in enumerate(candidates)}), candidates
 
 
-def _digest_unit(unit: corpus.Unit, paths: list[str], config: MedianConfig,
-                 inputs: corpus.InputConfig) -> tuple[int, tuple]:
-  source = corpus.open_cached(paths[unit.source], inputs)
+def _digest_unit(unit: jobs.Unit, paths: list[str], config: MedianConfig,
+                 inputs: jobs.InputConfig) -> tuple[int, tuple]:
+  source = jobs.open_cached(paths[unit.source], inputs)
   mapper, genes = candidate_mapper(source, config, inputs)
   digests, stats = GeneDigests(), collections.Counter()
   qc_config = qc.QCConfig(config.min_genes, config.primary_only, config.log1p)
@@ -85,17 +84,17 @@ def _digest_unit(unit: corpus.Unit, paths: list[str], config: MedianConfig,
 
 def compute_medians(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                     config: MedianConfig = MedianConfig(),
-                    input_config: corpus.InputConfig = corpus.InputConfig(), workers: int = 1,
+                    input_config: jobs.InputConfig = jobs.InputConfig(), workers: int = 1,
                     cells_per_unit: int = 50_000) -> tuple[vocab_lib.Vocab, dict[str, float], dict]:
   """Digests every input and writes a vocabulary directory; returns (vocab, medians, info)."""
   _allowed_genes(config)  # fail early on a bad gene table
-  paths, units, sizes = corpus.plan(inputs, input_config, cells_per_unit)
+  paths, units, sizes = jobs.plan(inputs, input_config, cells_per_unit)
   for path in paths:
-    candidate_mapper(corpus.open_cached(path, input_config), config, input_config)
+    candidate_mapper(jobs.open_cached(path, input_config), config, input_config)
   digests, stats, genes = GeneDigests(), collections.Counter(), {}
   per_file = collections.defaultdict(collections.Counter)
   args = (paths, config, input_config)
-  with contextlib.closing(corpus.run_units(_digest_unit, units, args, workers, sum(sizes),
+  with contextlib.closing(jobs.run_units(_digest_unit, units, args, workers, sum(sizes),
                                            "medians")) as results:
     for source, part, part_stats, matched in results:
       digests.merge(part)
@@ -103,7 +102,7 @@ def compute_medians(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
       per_file[paths[source]].update(part_stats)
       genes[paths[source]] = matched
   for path in paths:
-    corpus.check_not_empty(per_file[path], path)
+    jobs.check_not_empty(per_file[path], path)
   info = {"source": "data", "median_space": "log1p" if config.log1p else "normalized",
           "inputs": paths, "min_genes": config.min_genes, "gene_table": config.gene_table,
           "biotypes": list(config.biotypes) if config.gene_table else None,

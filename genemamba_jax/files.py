@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary sibling, then rename it over the target.
+"""Writing files safely: atomic writes (a temporary sibling renamed over the target) and JSON.
 
 Readers of `path` see either the old file or the complete new one, never a
 half-written file, and a writer that fails leaves no file behind:
@@ -25,12 +25,16 @@ so a re-run of the command leaves no debris.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+from genemamba_jax.errors import DataError
 
 
 def temp_sibling(path: str | os.PathLike) -> Path:
@@ -206,3 +210,40 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+# --- JSON -----------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str | Path, obj: Any, default=None, compact: bool = False) -> None:
+  """Writes `obj` as JSON so readers see either the old file or the new one.
+
+  `compact` drops indentation and spaces (for large files such as digests);
+  NaN and infinity are refused, since they are not JSON.
+
+  Written through atomic.atomic_path (temp file beside `path`, renamed over
+  it) and fsynced before the rename.
+  """
+  with atomic_path(path, fsync=True) as tmp:
+    write_json(tmp, obj, default, compact)
+
+
+def write_json(path: str | Path, obj: Any, default=None, compact: bool = False) -> None:
+  """Writes `obj` as JSON to `path` as it is (not atomically: for a temporary path, e.g. one
+  of atomic.atomic_paths'); same format as `write_json_atomic`."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=None if compact else 1, allow_nan=False, default=default,
+              separators=(",", ":") if compact else None)
+    f.write("\n")
+
+
+def read_json(path: str | Path, hint: str) -> Any:
+  """Reads a JSON file; DataError naming the file and ending in `hint`."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found; {hint}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: cannot read it as JSON ({e}); {hint}") from None

@@ -16,7 +16,7 @@ import time
 import jax
 
 from genemamba_jax import progress as progress_lib
-from genemamba_jax.atomic import write_bytes_atomic
+from genemamba_jax.files import write_bytes_atomic
 
 # Peak dense bf16 FLOP/s of one accelerator, for the MFU estimate (vendor figures).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,

@@ -30,7 +30,7 @@ from genemamba_jax import progress
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
 from genemamba_jax.data import readers
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from genemamba_jax.data import corpus
+from genemamba_jax.data import jobs
 from genemamba_jax.data import readers
 from genemamba_jax.data import records
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
-from genemamba_jax.data.jsonio import read_json, write_json_atomic
+from genemamba_jax.errors import DataError
+from genemamba_jax.files import read_json, write_json_atomic
 from genemamba_jax.data.tokenizer import CellTokenizer, TokenizeConfig
 
 SETTINGS_FILE = "tokenize_settings.json"
@@ -37,22 +37,22 @@ class Columns:
     return [c for c in (self.label, self.batch) if c is not None]
 
 
-def _tokenizer(vocab_dir: str, config: TokenizeConfig, inputs: corpus.InputConfig) -> CellTokenizer:
+def _tokenizer(vocab_dir: str, config: TokenizeConfig, inputs: jobs.InputConfig) -> CellTokenizer:
   key = (vocab_dir, config, inputs.gene_map)
   if key not in _TOKENIZERS:
-    _TOKENIZERS[key] = CellTokenizer.from_vocab_dir(vocab_dir, config, corpus.gene_map(inputs))
+    _TOKENIZERS[key] = CellTokenizer.from_vocab_dir(vocab_dir, config, jobs.gene_map(inputs))
   return _TOKENIZERS[key]
 
 
-def _tokenize_unit(unit: corpus.Unit, paths: list[str], vocab_dir: str, out_dir: str,
-                   config: TokenizeConfig, inputs: corpus.InputConfig, columns: Columns,
+def _tokenize_unit(unit: jobs.Unit, paths: list[str], vocab_dir: str, out_dir: str,
+                   config: TokenizeConfig, inputs: jobs.InputConfig, columns: Columns,
                    dtype: str) -> tuple[int, dict]:
   """Tokenizes one unit into shard `unit.index`; returns (cells read, shard stats)."""
   if records.is_shard_finished(out_dir, unit.index):
     stats = records.read_shard_stats(out_dir, unit.index)
     return unit.stop - unit.start, stats
   tokenizer = _tokenizer(vocab_dir, config, inputs)
-  source = corpus.open_cached(paths[unit.source], inputs)
+  source = jobs.open_cached(paths[unit.source], inputs)
   counts = collections.Counter()
   labels, batches = set(), set()
   with records.ShardWriter(out_dir, unit.index, dtype) as writer:
@@ -62,7 +62,7 @@ def _tokenize_unit(unit: corpus.Unit, paths: list[str], vocab_dir: str, out_dir:
       writer.write_chunk(cells.tokens, cells.offsets, cells.obs_names, unit.source, label, batch)
       labels.update(label if label is not None else ())
       batches.update(batch if batch is not None else ())
-    matched = corpus.matched_genes(source, tokenizer.mapper(source))
+    matched = jobs.matched_genes(source, tokenizer.mapper(source))
     stats = {"unit": unit.index, "source": unit.source, "start": unit.start, "stop": unit.stop, "counts": dict(counts),
              "labels": sorted(labels), "batches": sorted(batches), "genes_matched": matched}
     writer.finish(stats)
@@ -85,7 +85,7 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
 
 def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.PathLike,
                     out_dir: str | os.PathLike, config: TokenizeConfig = TokenizeConfig(),
-                    input_config: corpus.InputConfig = corpus.InputConfig(),
+                    input_config: jobs.InputConfig = jobs.InputConfig(),
                     columns: Columns = Columns(), workers: int = 1,
                     cells_per_shard: int = 50_000) -> dict:
   """Tokenizes every cell of `inputs` into `out_dir`; returns the manifest.
@@ -96,13 +96,13 @@ def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.Pat
   t0 = time.time()
   out_dir, vocab_dir = Path(out_dir), str(Path(vocab_dir).resolve())
   tokenizer = _tokenizer(vocab_dir, config, input_config)  # fails early on a bad vocab
-  paths, units, sizes = corpus.plan(inputs, input_config, cells_per_shard)
+  paths, units, sizes = jobs.plan(inputs, input_config, cells_per_shard)
   for path in paths:  # fail before any work on a missing column or unmatched genes
-    source = corpus.open_cached(path, input_config)
+    source = jobs.open_cached(path, input_config)
     tokenizer.mapper(source)
     readers.check_obs_columns(source, columns.names())
   vocab_files = [Path(vocab_dir) / vocab_lib.VOCAB_FILE, Path(vocab_dir) / vocab_lib.MEDIANS_FILE]
-  settings = {"inputs": paths, "cells": sizes, "vocab": corpus.fingerprint(vocab_files),
+  settings = {"inputs": paths, "cells": sizes, "vocab": jobs.fingerprint(vocab_files),
               "tokenize": dataclasses.asdict(config), "input": dataclasses.asdict(input_config),
               "columns": dataclasses.asdict(columns), "cells_per_shard": cells_per_shard}
   created = not out_dir.exists()
@@ -132,13 +132,13 @@ def _remove_unfinished(out_dir: Path, created: bool) -> None:
 
 
 def _tokenize(paths, units, n_cells: int, out_dir: Path, vocab_dir: str, tokenizer: CellTokenizer,
-              config: TokenizeConfig, input_config: corpus.InputConfig, columns: Columns,
+              config: TokenizeConfig, input_config: jobs.InputConfig, columns: Columns,
               workers: int, t0: float) -> dict:
   """The shards (finished ones skipped) and the manifest of `tokenize_corpus`."""
-  dtype = corpus.token_dtype(len(tokenizer.vocab))
+  dtype = jobs.token_dtype(len(tokenizer.vocab))
   shard_stats = [None] * len(units)
   args = (paths, vocab_dir, str(out_dir), config, input_config, columns, dtype)
-  with contextlib.closing(corpus.run_units(_tokenize_unit, units, args, workers, n_cells,
+  with contextlib.closing(jobs.run_units(_tokenize_unit, units, args, workers, n_cells,
                                            "tokenize")) as results:
     for stats in results:
       shard_stats[stats["unit"]] = stats
@@ -152,7 +152,7 @@ def _tokenize(paths, units, n_cells: int, out_dir: Path, vocab_dir: str, tokeniz
         for name in (shard.removesuffix(".array_record") + ".json", shard):
           if os.path.exists(name):
             os.remove(name)
-    corpus.check_not_empty(per_file, path)
+    jobs.check_not_empty(per_file, path)
   records.write_manifest(out_dir, manifest)
   manifest["summary"]["seconds"] = round(time.time() - t0, 2)
   return manifest

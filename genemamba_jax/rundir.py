@@ -26,9 +26,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from genemamba_jax.data import jsonio
+from genemamba_jax import files
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.errors import DataError
+from genemamba_jax.errors import DataError
 from genemamba_jax.data.tokenizer import CellTokenizer, TokenizeConfig
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 
@@ -49,11 +49,11 @@ def write_run_files(run_dir: str | os.PathLike, config: GeneMambaConfig, vocab: 
   """
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  jsonio.write_json_atomic(run_dir / MODEL_FILE, dataclasses.asdict(config))
+  files.write_json_atomic(run_dir / MODEL_FILE, dataclasses.asdict(config))
   vocab_lib.save_vocab_dir(run_dir / VOCAB_DIR, vocab, medians,
                            {**(info or {}), "tokenize": dict(tokenize)})
   if task is not None:
-    jsonio.write_json_atomic(run_dir / TASK_FILE, dict(task))
+    files.write_json_atomic(run_dir / TASK_FILE, dict(task))
 
 
 def finished_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
@@ -116,7 +116,7 @@ class Pretrained:
 
 
 def load_model_config(run_dir: str | os.PathLike) -> GeneMambaConfig:
-  fields = jsonio.read_json(Path(run_dir) / MODEL_FILE, "re-run training to write it")
+  fields = files.read_json(Path(run_dir) / MODEL_FILE, "re-run training to write it")
   known = {f.name for f in dataclasses.fields(GeneMambaConfig)}
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known}
   return GeneMambaConfig(**fields)
@@ -136,7 +136,7 @@ def load_pretrained(path: str | os.PathLike, **config_changes) -> Pretrained:
                     f"vocab_size={config.vocab_size}; the run directory is inconsistent")
   task = None
   if (where.run_dir / TASK_FILE).is_file():
-    task = jsonio.read_json(where.run_dir / TASK_FILE, "re-run finetune")
+    task = files.read_json(where.run_dir / TASK_FILE, "re-run finetune")
   params = restore_params(where.step_dir)
   head = None
   if "backbone" in params:  # a fine-tuned checkpoint
