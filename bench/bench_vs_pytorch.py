@@ -1,6 +1,6 @@
 """Embedding speed on the same weights: ours vs the original PyTorch GeneMamba, in one run.
 
-A random original `MambaModel` (tests/torch_genemamba.py, the parity tests'
+A random original `MambaModel` (tests/convert/torch_genemamba.py, the parity tests'
 oracle: transformers' Mamba2Mixer as each layer, the original's bidirectional
 loop) at the paper's width and length is saved in the original's format and
 converted with `genemamba_jax.convert`. Both sides embed the same real cells
@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "convert"))
 
 HEADING = "## Embedding vs the original PyTorch GeneMamba (CPU, same weights)"
 SHARED = ROOT.parent / "shared" / "data"

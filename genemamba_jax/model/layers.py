@@ -86,7 +86,7 @@ class CausalConv1d(nnx.Module):
   (batch split over part of the mesh, channels not split) XLA returned the grouped
   conv's kernel gradient multiplied by a mesh-axis size. Do
   not switch back to `feature_group_count` without re-running
-  tests/test_sharding.py.
+  tests/train/test_sharding.py.
   """
 
   def __init__(self, channels: int, kernel_size: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):

@@ -17,7 +17,7 @@ from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.train import coexpression, config as config_lib, loop, objectives
 from genemamba_jax.train.coexpression import CoexpressionLoss
 from genemamba_jax.train.pathway import PathwayLoss
-from tests.test_train import _config, _metrics, demo_cache  # noqa: F401 (autouse fixture)
+from tests.train.test_train import _config, _metrics, demo_cache  # noqa: F401 (autouse fixture)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Backend -O0: halves XLA's compile time on CPU, which dominates these tiny runs.

@@ -19,7 +19,7 @@ from genemamba_jax.errors import DataError
 from tests import oracles
 from tests.conftest import require_parity
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A tiny demo run: a few seconds of training once the demo data is cached.
 TINY = ["--config.num_steps=4", "--config.batch_size=8", "--config.data.max_len=64",
         "--config.model.d_model=32", "--config.model.headdim=16", "--config.model.d_state=8",

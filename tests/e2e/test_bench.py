@@ -12,7 +12,7 @@ from genemamba_jax import bench
 from genemamba_jax.model import GeneMambaConfig
 from tests.conftest import require_parity
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--d-model", "32", "--seq-len", "64", "--batch", "2", "--vocab", "100"]
 
 

@@ -42,10 +42,10 @@ import pytest
 
 from tests.conftest import SHARED_DATA, _require_shared_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("FAULTS_SEED", "0"))
 TRACEBACK = "Traceback (most recent call last)"
-# The demo config made tiny (as tests/test_first_hour.py's TINY), with enough steps that a
+# The demo config made tiny (as tests/e2e/test_first_hour.py's TINY), with enough steps that a
 # signal lands mid-run, and log_every 2: a stop between two logged steps must not add a row.
 TRAIN = ["--config", "configs/demo.py", "--config.num_steps=24", "--config.batch_size=8",
          "--config.data.max_len=64", "--config.model.d_model=32", "--config.model.headdim=16",

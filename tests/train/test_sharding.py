@@ -19,7 +19,7 @@ from genemamba_jax.model.layers import AXIS_NAMES
 from genemamba_jax.train import optimizer, sharding
 from genemamba_jax.train import state as state_lib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mesh_cfg(**sizes):
@@ -151,13 +151,13 @@ def test_maybe_initialize_distributed(monkeypatch, environ, want):
 
 @pytest.fixture(scope="module")
 def eight_devices():
-  """tests/sharding_check.py's JSON, run with 8 host devices (its own process)."""
+  """tests/train/sharding_check.py's JSON, run with 8 host devices (its own process)."""
   # -O0 codegen compiles ~30% faster; both sides of every comparison use it.
   flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
            "--xla_llvm_disable_expensive_passes=true")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_check.py")], env=env,
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train" / "sharding_check.py")], env=env,
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,7 +3,7 @@
 Needs 8 devices, which must exist before JAX starts, so it runs as its own
 process:
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_check.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train/sharding_check.py
 
 Prints one JSON object: per mesh, the loss and each updated parameter's
 largest difference from the one-device run, and the layout of a few parameters.

@@ -1,6 +1,6 @@
 """The converter between the original PyTorch GeneMamba's checkpoints and our run directories.
 
-Checked against tests/torch_genemamba.py, an independent PyTorch model of the
+Checked against tests/convert/torch_genemamba.py, an independent PyTorch model of the
 original `MambaModel` and its checkpoint format, on real Kang PBMCs tokenized by
 our own pipeline with the converted run's vocabulary and medians:
 
@@ -46,7 +46,7 @@ from genemamba_jax.data.readers import open_source
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.convert import flatten
 from tests.conftest import _require_shared_data
-from tests.torch_genemamba import (
+from tests.convert.torch_genemamba import (
     MODES, OriginalClassifier, OriginalMambaModel, add_cls_row_, geneformer_tokens,
     load_classifier, load_original_checkpoint, randomize_, save_classifier,
     save_original_checkpoint)

@@ -1,4 +1,4 @@
-"""Checks of the PyTorch oracle of the original GeneMamba (tests/torch_genemamba.py).
+"""Checks of the PyTorch oracle of the original GeneMamba (tests/convert/torch_genemamba.py).
 
 The oracle is only as good as these checks: flip_sc, padding invariance, the
 no-mask flip, the identity-layer arithmetic, Mamba-2 against a sequential
@@ -17,7 +17,7 @@ from tests.conftest import require_parity
 torch = require_parity("torch")
 require_parity("transformers")
 
-from tests.torch_genemamba import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.convert.torch_genemamba import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     CLS_TOKEN, MODES, OriginalClassifier, OriginalMambaModel, add_cls_row_, flip_sc,
     geneformer_tokens, load_classifier, load_original_checkpoint, randomize_, save_classifier,
     save_original_checkpoint, tokenizer_json)

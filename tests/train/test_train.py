@@ -150,7 +150,7 @@ def test_pathway_loss_in_training(tmp_path, shared_data):
 def test_cli_reports_a_misspelt_key_in_one_line(tmp_path):
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   result = subprocess.run(
       [sys.executable, "-m", "genemamba_jax.train", "--config", "configs/demo.py", "--workdir",
        str(tmp_path), "--config.batchsize=3"], cwd=root, capture_output=True, text=True)
