@@ -268,7 +268,7 @@ def selective_scan_pallas(x, dt, A, B, C, chunk_size: int = 64, *,
                           interpret: bool | None = None) -> jax.Array:
   """Mamba-1 selective scan by Pallas kernels, differentiable (custom_vjp).
 
-  Same contract as `selective_scan._sequential` (no D term).
+  Same contract as `selective_scan.selective_scan_ref` (no D term).
 
   Args:
     x: [b, L, d] float32.

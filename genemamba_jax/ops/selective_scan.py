@@ -74,8 +74,12 @@ def _zero_state(x, A):
   return jnp.zeros((x.shape[0],) + A.shape, jnp.float32)
 
 
-def _sequential(x, dt, A, B, C, chunk_size):
-  """All inputs float32; x, dt: [b, L, d], A: [d, N], B, C: [b, L, N]."""
+def selective_scan_ref(x, dt, A, B, C, chunk_size=None):
+  """The reference scan (one `lax.scan` step per token), the other backends' test oracle.
+
+  All inputs float32; x, dt: [b, L, d], A: [d, N], B, C: [b, L, N] -> y [b, L, d]
+  (no D term); `chunk_size` is ignored (the backends' common signature).
+  """
   del chunk_size
   return _scan_steps(_zero_state(x, A), x, dt, A, B, C)[1]
 
@@ -151,7 +155,7 @@ def _auto(x, dt, A, B, C, chunk_size):
 
 
 _IMPLS = {
-    "sequential": _sequential,
+    "sequential": selective_scan_ref,
     "associative": _associative,
     "chunked": _chunked,
     "pallas": _pallas,

@@ -36,8 +36,12 @@ def _heads(a, n_heads):
   return jnp.repeat(a, n_heads // a.shape[2], axis=2)
 
 
-def _sequential(x, dt, A, B, C, chunk_size):
-  """All float32; x: [b, L, H, P], dt: [b, L, H], A: [H], B, C: [b, L, G, N]."""
+def ssd_ref(x, dt, A, B, C, chunk_size=None):
+  """The reference SSD scan (one `lax.scan` step per token), the other backends' test oracle.
+
+  All float32; x: [b, L, H, P], dt: [b, L, H], A: [H], B, C: [b, L, G, N] -> y [b, L, H, P]
+  (no D term); `chunk_size` is ignored (the backends' common signature).
+  """
   del chunk_size
   b, _, n_heads, p = x.shape
   B, C = _heads(B, n_heads), _heads(C, n_heads)
@@ -152,7 +156,7 @@ def _no_kernel(x, dt, A, B, C, chunk_size):
 
 
 _IMPLS = {
-    "sequential": _sequential,
+    "sequential": ssd_ref,
     "associative": _associative,
     "chunked": _chunked,
     "pallas": _no_kernel,

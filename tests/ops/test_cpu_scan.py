@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from genemamba_jax.ops import cpu_scan
-from genemamba_jax.ops.selective_scan import _sequential, selective_scan
+from genemamba_jax.ops.selective_scan import selective_scan, selective_scan_ref
 from tests import oracles
 
 ARG_NAMES = ("x", "dt", "A", "B", "C")
@@ -48,7 +48,7 @@ def test_outputs_and_gradients_match_sequential(b, length, d, n, chunk):
   inputs = oracles.selective_scan_inputs(0, b, length, d, n)
   w = jnp.asarray(np.random.default_rng(1).normal(size=(b, length, d)), jnp.float32)
   y, grads = _value_and_grads(lambda *a: cpu_scan.selective_scan_cpu(*a, chunk), inputs, w)
-  y_ref, grads_ref = _value_and_grads(lambda *a: _sequential(*a, chunk), inputs, w)
+  y_ref, grads_ref = _value_and_grads(lambda *a: selective_scan_ref(*a, chunk), inputs, w)
   _assert_close(y, y_ref, "y")
   for name, g, g_ref in zip(ARG_NAMES, grads, grads_ref):
     _assert_close(g, g_ref, name)
@@ -70,7 +70,7 @@ def test_long_decays_and_tiny_steps_stay_finite():
   w = jnp.ones_like(x)
   y, grads = _value_and_grads(lambda *args: cpu_scan.selective_scan_cpu(*args, 16),
                               (x, dt, a, b, c), w)
-  y_ref, grads_ref = _value_and_grads(lambda *args: _sequential(*args, 16), (x, dt, a, b, c), w)
+  y_ref, grads_ref = _value_and_grads(lambda *args: selective_scan_ref(*args, 16), (x, dt, a, b, c), w)
   _assert_close(y, y_ref, "y")
   for name, g, g_ref in zip(ARG_NAMES, grads, grads_ref):
     assert bool(jnp.all(jnp.isfinite(g))), name
@@ -104,7 +104,7 @@ def test_vmap_and_concurrent_calls():
   stacked[2] = -jnp.abs(stacked[2])
   y = jax.vmap(lambda *a: cpu_scan.selective_scan_cpu(*a, 8))(*stacked)
   for i in range(2):
-    _assert_close(y[i], _sequential(*(a[i] for a in stacked), 8))
+    _assert_close(y[i], selective_scan_ref(*(a[i] for a in stacked), 8))
 
   inputs = oracles.selective_scan_inputs(5, 4, 64, 32, 16)
   fn = jax.jit(jax.grad(lambda *a: jnp.sum(cpu_scan.selective_scan_cpu(*a, 16) ** 2),

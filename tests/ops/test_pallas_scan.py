@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from genemamba_jax.ops import pallas_scan
-from genemamba_jax.ops.selective_scan import _sequential
+from genemamba_jax.ops.selective_scan import selective_scan_ref
 from tests import oracles
 
 ARG_NAMES = ("x", "dt", "A", "B", "C")
@@ -48,7 +48,7 @@ def test_matches_sequential(b, length, d, n, chunk, block_d):
       lambda *a: pallas_scan.selective_scan_pallas(*a, chunk, block_d=block_d),
       inputs, w)
   y_ref, grads_ref = _value_and_grads(
-      lambda *a: _sequential(*a, chunk), inputs, w)
+      lambda *a: selective_scan_ref(*a, chunk), inputs, w)
   assert y.shape == y_ref.shape and y.dtype == jnp.float32
   # Tolerances relative to each quantity's scale: grads of A and dt sum over
   # up to L * N (or b * L) terms.
@@ -65,7 +65,7 @@ def test_single_chunk_longer_than_sequence():
   """chunk > L: one chunk, mostly padding; forward only, default block_d."""
   inputs = oracles.selective_scan_inputs(2, 1, 9, 5, 16)
   y = jax.jit(lambda *a: pallas_scan.selective_scan_pallas(*a, 64))(*inputs)
-  np.testing.assert_allclose(y, _sequential(*inputs, 64), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(y, selective_scan_ref(*inputs, 64), rtol=0, atol=1e-5)
 
 
 def test_pallas_available_cpu():
