@@ -6,7 +6,7 @@ Prepares the data once (700 real PBMCs: exact counts -> medians -> rank tokens,
 cached under ~/.cache/genemamba_jax or $GENEMAMBA_CACHE) and trains a 2-layer
 Mamba-2 BiMamba model with the leak-free next-gene objective for about a
 minute on CPU (67 s on 2 cores); the loss falls visibly. The model is far too
-small to beat simple baselines downstream (README, "What to expect").
+small to beat simple baselines downstream (docs/commands.md, "What to expect").
 """
 
 from genemamba_jax.train.config import DEMO_DATA, default_config

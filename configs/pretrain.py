@@ -1,6 +1,6 @@
 """The paper's pretraining run: 24 Mamba-2 BiMamba layers, d 512, vocab 25,426, 2,048 tokens.
 
-65.74M parameters (see README on the count). Table 5 variants by argument:
+65.74M parameters (see docs/model.md on the count). Table 5 variants by argument:
 
     python -m genemamba_jax.train --config configs/pretrain.py --workdir runs/pretrain \\
         --config.data.path=/data/cellxgene_tokens

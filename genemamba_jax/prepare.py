@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the vocabulary directory to write (vocab.json, medians.json, digests.json)")
   p.add_argument("--gene-table", default=None, metavar="TSV",
                  help="tab-separated gene table with Ensembl ids and biotypes, to restrict the "
-                      "vocabulary (e.g. an Ensembl BioMart export; see the README)")
+                      "vocabulary (e.g. an Ensembl BioMart export; see docs/commands.md)")
   p.add_argument("--biotypes", default="protein_coding,miRNA",
                  help="biotypes kept with --gene-table (default protein_coding,miRNA)")
   p.set_defaults(run=_medians)
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="A vocabulary directory from Geneformer's token and median "
                                  "dictionaries (its ids kept; <cls> and <eos> appended).")
   p.add_argument("--token-dictionary", required=True, metavar="PKL",
-                 help="Geneformer's token_dictionary_gc30M.pkl (see the README for where)")
+                 help="Geneformer's token_dictionary_gc30M.pkl (see docs/commands.md for where)")
   p.add_argument("--median-dictionary", required=True, metavar="PKL",
                  help="Geneformer's gene_median_dictionary_gc30M.pkl")
   p.add_argument("--out", required=True, metavar="VOCAB_DIR",

@@ -1,6 +1,6 @@
 """The fine-tuning configuration for cell type annotation: every key, its default and its checks.
 
-Defaults follow the original's protocol (README, `finetune`): <cls> first, the
+Defaults follow the original's protocol (docs/commands.md, `finetune`): <cls> first, the
 CLS state as the cell, the 3-block MLP head, full fine-tuning with Adam at
 1e-4, batch 24, 5 epochs.
 """

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "else mean (the original's default, used when omitted) or sum")
   p.add_argument("--identity-layers", action="store_true",
                  help="reproduce the public code, whose layers return their input (default: the "
-                      "paper's residual layers; see the README)")
+                      "paper's residual layers; see docs/commands.md)")
   p.add_argument("--token-dictionary", metavar="PKL",
                  help="Geneformer's token_dictionary.pkl, when DIR has no gene_tokenizer.json")
   p.add_argument("--classifier", metavar="FILE",

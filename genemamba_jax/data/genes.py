@@ -15,8 +15,8 @@ from genemamba_jax.errors import DataError
 
 _log = logging.getLogger(__name__)
 
-# Where users get each external file a command reads: said in the README and in the error when
-# the file is missing.
+# Where users get each external file a command reads: said in docs/commands.md and in the error
+# when the file is missing.
 GENE_TABLE_SOURCE = ("a gene table is a tab-separated file with Ensembl id, symbol and biotype "
                      "columns: export one from Ensembl BioMart (https://www.ensembl.org/biomart; "
                      "Gene stable ID, Gene name, Gene type) or write the annotables R package's "
@@ -263,7 +263,7 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
   return sets
 
 
-# Where users get the pair files; named in the README and in the missing-file error.
+# Where users get the pair files; named in docs/commands.md and in the missing-file error.
 GENE2VEC_PAIRS_SOURCE = "https://github.com/jingcheng-du/Gene2vec (folder predictionData/)"
 
 

@@ -59,8 +59,8 @@ class GeneMambaConfig:
   # reverse. "around": x + combine(f(x), b(x)), ours and the paper's equation. "inside":
   # combine(x + f(x), x + b(x)), what the original PyTorch code computes (equal for mean, not
   # for sum, concat and gate). "identity": combine(x, x), the original's public code, whose
-  # layers return their input and discard the mixer's output (README, "Using the original
-  # PyTorch GeneMamba checkpoints"). Separate streams: "around" and "inside" are the same.
+  # layers return their input and discard the mixer's output (docs/commands.md, "Using the
+  # original PyTorch GeneMamba checkpoints"). Separate streams: "around" and "inside" are the same.
   residual: str = "around"  # one of RESIDUALS
   prenorm: bool = False  # RMSNorm before each layer's mixer (the original has none)
   tie_embeddings: bool = False  # original: untied LM head with bias
@@ -69,7 +69,7 @@ class GeneMambaConfig:
   dtype: str = "float32"  # one of DTYPES: the compute dtype; parameters stay float32
   # auto: Mamba-1 runs the Pallas kernel on GPU, the numba kernels on CPU (fastest there for
   # training, bench/RESULTS.md) and chunked on TPU; Mamba-2 runs the chunked SSD everywhere.
-  # See ops/selective_scan.py and the README.
+  # See ops/selective_scan.py and docs/model.md.
   scan_backend: str = "auto"  # one of SCAN_BACKENDS
   scan_chunk_size: int = 64  # for the chunked backend
   # remat: each layer keeps for the backward only what `remat_policy` names and recomputes the

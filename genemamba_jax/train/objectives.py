@@ -7,9 +7,8 @@
 * `next_gene_faithful`: the paper's L_lang exactly as the original code
   computes it, cross-entropy of `logits[:, :-1]` against `tokens[:, 1:]` on the
   mixed model. With bidirectional layers the reverse stream at t has already
-  read t + 1, so the loss is solvable by copying (README, "Objectives, and why the
-  default is leak-free"); here
-  it exists to reproduce the paper. Unlike the original, padding is masked out
+  read t + 1, so the loss is solvable by copying (docs/commands.md, "Objectives, and
+  why the default is leak-free"); here it exists to reproduce the paper. Unlike the original, padding is masked out
   (the original trains on pad targets too).
 * `mlm`: BERT-style masked genes on the mixed model: 15% of the valid gene
   positions, of which 80% become <mask>, 10% a random gene, 10% stay.
@@ -36,7 +35,7 @@ _MASK_FRACTION, _CORRUPT_FRACTION = 0.8, 0.9
 
 
 class LeakWarning(UserWarning):
-  """The objective can be solved by copying its target from the input (see the README)."""
+  """The objective can be solved by copying its target from the input (see docs/commands.md)."""
 
 
 def model_streams_for(objective: str) -> str:
@@ -70,9 +69,9 @@ class ObjectiveConfig:
     if self.name == "next_gene_faithful":
       warnings.warn(
           "objective next_gene_faithful leaks its target: the reverse stream at t has read "
-          "token t + 1, so the loss can be solved by copying (README.md, \"Objectives, and why "
-          "the default is leak-free\"); use "
-          "next_gene for a leak-free objective", LeakWarning, stacklevel=3)
+          "token t + 1, so the loss can be solved by copying (docs/commands.md, "
+          "\"Objectives, and why the default is leak-free\"); use next_gene for a leak-free "
+          "objective", LeakWarning, stacklevel=3)
 
   @property
   def excluded_ids(self) -> tuple[int, ...]:

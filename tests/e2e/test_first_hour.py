@@ -213,8 +213,8 @@ def test_10_missing_gene2vec_pairs_and_geneformer_dictionaries_name_their_source
   assert "huggingface.co/ctheodoris/Geneformer" in capsys.readouterr().err
 
 
-def test_10_readme_names_the_sources():
-  readme = (ROOT / "README.md").read_text()
+def test_10_the_command_reference_names_the_sources():
+  readme = (ROOT / "docs" / "commands.md").read_text()
   for source in ("https://www.ensembl.org/biomart", "https://huggingface.co/ctheodoris/Geneformer",
                  "https://github.com/jingcheng-du/Gene2vec", "https://www.gsea-msigdb.org"):
     assert source in readme

@@ -1,5 +1,5 @@
-"""The README: its examples run as written (those that can run here), and it documents what the
-commands write."""
+"""The README and docs/: their examples run as written (those that can run here), and they
+document what the commands write."""
 
 import json
 import re
@@ -13,12 +13,13 @@ from genemamba_jax.data import demo
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+COMMANDS = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
 
 
-def code_block(after_heading: str, language: str = "python") -> str:
-  """The first ```language block after the heading line `after_heading`."""
-  start = README.index(after_heading)
-  match = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).search(README, start)
+def code_block(after_heading: str, language: str = "python", text: str = README) -> str:
+  """The first ```language block after the heading line `after_heading` of `text`."""
+  start = text.index(after_heading)
+  match = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).search(text, start)
   return match.group(1)
 
 
@@ -32,17 +33,19 @@ def test_data_pipeline_snippet_runs_as_a_script_with_workers(tmp_path, demo_toke
   # Grain's workers re-import the script: the README's snippet must carry the main guard.
   (tmp_path / "tokens").symlink_to(demo_tokens, target_is_directory=True)
   script = tmp_path / "snippet.py"
-  script.write_text(code_block("### Reading tokenized data from Python"), encoding="utf-8")
+  snippet = code_block("## Reading tokenized data from Python", text=COMMANDS)
+  script.write_text(snippet, encoding="utf-8")
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "(32, 2048)" in result.stdout
 
 def _documented(key: str) -> bool:
-  """`key` in backquotes in the README, or an instance of a documented `<...>` pattern."""
-  if f"`{key}`" in README:
+  """`key` in backquotes in the command reference, or an instance of a documented `<...>`
+  pattern."""
+  if f"`{key}`" in COMMANDS:
     return True
-  patterns = re.findall(r"`([\w/]*<\w+>[\w/]*)`", README)
+  patterns = re.findall(r"`([\w/]*<\w+>[\w/]*)`", COMMANDS)
   return any(re.fullmatch(re.sub(r"<\w+>", r"\\w+", p), key) for p in patterns)
 
 

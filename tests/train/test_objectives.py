@@ -67,7 +67,7 @@ def test_streams_names_and_warning():
       "separate", "mixed", "mixed"]
   with pytest.raises(ValueError, match="objective"):
     ObjectiveConfig(name="causal")
-  with pytest.warns(objectives.LeakWarning, match="README.md"):
+  with pytest.warns(objectives.LeakWarning, match="docs/commands.md"):
     ObjectiveConfig(name="next_gene_faithful")
   tokens, mask = _batch()
   with pytest.raises(ValueError, match="separate-streams"):
