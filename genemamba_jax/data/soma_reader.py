@@ -159,7 +159,7 @@ class SomaSource:
       ids = [t.column("soma_joinid").to_numpy()
              for t in obs.read(column_names=["soma_joinid"], value_filter=self._options.obs_filter)]
     except soma.SOMAError as e:
-      reason = str(e).splitlines()[0].replace("SOMAError: ", "")
+      reason = str(e).splitlines()[0].replace("SOMAError: ", "").strip("'\"")
       raise DataError(f"{self.path}: {option('obs_filter')} {self._options.obs_filter!r}: "
                       f"{reason}; obs columns there are: {_list(self.obs_columns)}") from None
     return np.sort(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
