@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--checkpoint", required=True,
                       help="a train/finetune run directory (latest checkpoint) or checkpoints/<step>")
   parser.add_argument("--input", required=True,
-                      help=".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder or URI)")
+                      help=".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder "
+                           "or URI)")
   parser.add_argument("--output", required=True, help="OUT.h5ad, OUT.npy or OUT.npz")
   parser.add_argument("--pooling", choices=("cls", "mean", "both"), default=None,
                       help="cell representation (default: cls if the model knows <cls>, else mean)")

@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a train/finetune run directory (latest checkpoint) or "
                            "checkpoints/<step>")
   parser.add_argument("--input", required=True,
-                      help=".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder or URI)")
+                      help=".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder "
+                           "or URI)")
   parser.add_argument("--genes", required=True,
                       help="genes to perturb, comma-separated, named as the input names them")
   parser.add_argument("--mode", required=True, choices=MODES,

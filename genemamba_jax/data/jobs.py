@@ -43,6 +43,13 @@ class InputConfig:
   in_memory: bool = False  # read each .h5ad whole instead of streaming it
   soma: SomaOptions = SomaOptions()  # measurement, obs filter, TileDB settings of SOMA inputs
 
+  def settings(self) -> dict:
+    """The fields as a JSON-ready dict for the files a run writes; of the TileDB settings only
+    the keys (values may be credentials, e.g. vfs.s3.aws_secret_access_key)."""
+    out = dataclasses.asdict(self)
+    out["soma"]["tiledb_config"] = sorted(key for key, _ in self.soma.tiledb_config)
+    return out
+
 
 @dataclasses.dataclass(frozen=True)
 class Unit:

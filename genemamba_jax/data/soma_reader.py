@@ -85,7 +85,8 @@ class SomaSource:
     with self._open() as exp:
       if options.measurement not in exp.ms:
         raise DataError(f"{self.path}: has no measurement {options.measurement!r} "
-                        f"({option('measurement')}); measurements there are: {_list(exp.ms.keys())}")
+                        f"({option('measurement')}); measurements there are: "
+                        f"{_list(exp.ms.keys())}")
       ms = exp.ms[options.measurement]
       self.layers = list(ms.X.keys()) if "X" in ms else []
       self.layer = self._pick_layer(layer)

@@ -114,7 +114,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     resume.write_config(workdir, config_json)
     rundir.write_run_files(
-        workdir, model_config, Vocab(manifest["vocab"], f"{corpora.split_paths(path)[0]}/manifest.json"),
+        workdir, model_config,
+        Vocab(manifest["vocab"], f"{corpora.split_paths(path)[0]}/manifest.json"),
         manifest["medians"], {**manifest.get("settings", {}), "max_len": c.data.max_len})
   train_it = iter(make_dataset(path, _pipeline(path, c, "train", per_process)))
 

@@ -118,7 +118,8 @@ def test_obs_filter_selects_the_cells(capsys, kang, vocab, tmp_path):
   assert len(names) > 10 and set(names) <= set(chosen)
   assert names == [n for n in obs.index if n in set(names)]  # in the experiment's order
   # The cells the filter kept are exactly those QC keeps of the unfiltered experiment.
-  everything = {c["obs_name"] for c in read_tokenized(_tokenized_all(capsys, soma, vocab, tmp_path))}
+  everything = {c["obs_name"]
+                for c in read_tokenized(_tokenized_all(capsys, soma, vocab, tmp_path))}
   assert set(names) == everything & set(chosen)
 
 
@@ -152,7 +153,8 @@ def test_not_an_experiment(capsys, kang, vocab, tmp_path):
   h5ad, soma, _ = kang
   status, _, err = run(capsys, prepare.main, "tokenize", "--input", f"{soma}/ms", "--vocab",
                        vocab, "--out", tmp_path / "out")
-  assert status == 2 and "ms: not a SOMA experiment (it is a SOMACollection; its members: RNA" in err
+  assert status == 2
+  assert "ms: not a SOMA experiment (it is a SOMACollection; its members: RNA" in err
   status, _, err = run(capsys, prepare.main, "tokenize", "--input", h5ad, "--vocab", vocab,
                        "--out", tmp_path / "out", "--obs-filter", "is_primary_data == True")
   assert status == 2 and "--obs-filter applies to SOMA experiments" in err
@@ -184,3 +186,14 @@ def test_embed_gives_the_h5ad_embeddings(capsys, kang, vocab, tmp_path):
   stim = np.flatnonzero(adata.obs["condition"].to_numpy() == "stim")
   assert outputs[1]["obs_names"].tolist() == outputs[0]["obs_names"][stim].tolist()
   np.testing.assert_array_equal(outputs[1]["cls"], outputs[0]["cls"][stim])
+
+
+def test_tiledb_config_values_are_not_written(capsys, kang, vocab, tmp_path):
+  _, soma, _ = kang
+  out = tmp_path / "tok"
+  got = _tokenize(capsys, soma, vocab, out, "--tiledb-config",
+                  "vfs.s3.aws_secret_access_key=SECRET123", "--tiledb-config", "vfs.s3.region=x")
+  assert got
+  for name in ("manifest.json", "tokenize_settings.json"):
+    text = (out / name).read_text()
+    assert "SECRET123" not in text and "vfs.s3.aws_secret_access_key" in text
