@@ -4,10 +4,11 @@ by `tiledbsoma.io.from_anndata` reads, tokenizes and embeds exactly like the .h5
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from genemamba_jax import embed, prepare
+from genemamba_jax import embed, label_transfer, perturb, prepare, rundir
 from genemamba_jax.data import read_tokenized, readers, soma_reader
 from genemamba_jax.data.tokenizer import CellTokenizer, TokenizeConfig
 
@@ -162,7 +163,7 @@ def test_not_an_experiment(capsys, kang, vocab, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:data.eval_fraction is 0")
-def test_embed_gives_the_h5ad_embeddings(capsys, kang, vocab, tmp_path):
+def test_embed_label_transfer_perturb_give_the_h5ad_results(capsys, kang, vocab, tmp_path):
   from genemamba_jax.train import loop  # pylint: disable=g-import-not-at-top
   from genemamba_jax.train.config import default_config  # pylint: disable=g-import-not-at-top
   h5ad, soma, adata = kang
@@ -186,6 +187,17 @@ def test_embed_gives_the_h5ad_embeddings(capsys, kang, vocab, tmp_path):
   stim = np.flatnonzero(adata.obs["condition"].to_numpy() == "stim")
   assert outputs[1]["obs_names"].tolist() == outputs[0]["obs_names"][stim].tolist()
   np.testing.assert_array_equal(outputs[1]["cls"], outputs[0]["cls"][stim])
+  # label_transfer and perturb read the experiment through the same reader.
+  model = rundir.load_pretrained(tmp_path / "run")
+  isg15 = adata.var.loc["ISG15", "feature_id"]
+  results = [(label_transfer.label_transfer(model, h5ad, "cell_type", query, k=5,
+                                            gene_column="feature_id", progress=False),
+              perturb.perturb(model, query, [isg15], "delete", gene_column="feature_id",
+                              progress=False))
+             for query in (h5ad, soma)]
+  for want, got in zip(*results):
+    assert len(got) == adata.n_obs
+    pd.testing.assert_frame_equal(got, want)
 
 
 def test_tiledb_config_values_are_not_written(capsys, kang, vocab, tmp_path):
