@@ -55,9 +55,8 @@ def check_compatible(first: str, manifest: dict, other: str, theirs: dict) -> No
     raise DataError(f"data.path: {other} and {first} were tokenized differently ({what}: "
                     f"{yours!r} vs {mine!r}); tokenize both with the same --vocab and settings")
 
-  for key in ("token_dtype",):
-    if manifest.get(key) != theirs.get(key):
-      fail(key, manifest.get(key), theirs.get(key))
+  if manifest.get("token_dtype") != theirs.get("token_dtype"):
+    fail("token_dtype", manifest.get("token_dtype"), theirs.get("token_dtype"))
   for field in ("vocab", "medians", "special_ids"):
     mine, yours = manifest.get(field) or {}, theirs.get(field) or {}
     if mine != yours:

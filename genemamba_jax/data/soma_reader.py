@@ -90,8 +90,8 @@ class SomaSource:
       ms = exp.ms[options.measurement]
       self.layers = list(ms.X.keys()) if "X" in ms else []
       self.layer = self._pick_layer(layer)
-      var = ms.var.read().concat().to_pandas()
-      self._gene_column = self._pick_gene_column(ms.var, var.columns, gene_column)
+      self._gene_column = self._pick_gene_column(ms.var, ms.var.schema.names, gene_column)
+      var = ms.var.read(column_names=["soma_joinid", self._gene_column]).concat().to_pandas()
       order = np.argsort(var["soma_joinid"].to_numpy(), kind="stable")
       self.gene_ids = var[self._gene_column].astype(str).to_numpy()[order]
       self._var_joinids = var["soma_joinid"].to_numpy()[order]
