@@ -1,7 +1,7 @@
 """What the analyses on a trained GeneMamba (`label_transfer`, `perturb`) take in and write out.
 
 They accept a run as a path or as an already loaded `Pretrained`, cells as an
-AnnData object or a path (.h5ad, 10x folder or .h5), a gene map as a table's
+AnnData object or a path (.h5ad, 10x folder or .h5, SOMA experiment), a gene map as a table's
 path or a dict, and write tables and annotated .h5ad copies atomically.
 """
 
@@ -20,6 +20,7 @@ from genemamba_jax.files import atomic_paths
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import AnnDataSource, CountSource, open_source
+from genemamba_jax.data.soma_reader import SomaOptions
 from genemamba_jax.data.tokenizer import CellTokenizer
 
 _log = logging.getLogger(__name__)
@@ -37,15 +38,16 @@ def load_run(run: str | os.PathLike | rundir.Pretrained) -> rundir.Pretrained:
   return rundir.load_pretrained(run)
 
 
-def as_source(cells, name: str, layer: str | None = None,
-              gene_column: str | None = None) -> CountSource:
-  """An AnnData object (called `name` in messages) or a path -> a `CountSource`."""
+def as_source(cells, name: str, layer: str | None = None, gene_column: str | None = None,
+              soma: SomaOptions | None = None) -> CountSource:
+  """An AnnData object (called `name` in messages) or a path (a SOMA experiment read as `soma`
+  says) -> a `CountSource`."""
   if isinstance(cells, (str, os.PathLike)):
-    return open_source(cells, layer, gene_column)
+    return open_source(cells, layer, gene_column, soma=soma)
   if hasattr(cells, "obs_names") and hasattr(cells, "X"):
     return AnnDataSource(cells, name, layer, gene_column)
   raise DataError(f"{name}: expected an AnnData object or the path of an .h5ad file, 10x folder "
-                  f"or .h5 file, got {type(cells).__name__}")
+                  f"or .h5 file or SOMA experiment, got {type(cells).__name__}")
 
 
 def as_gene_map(gene_map: str | os.PathLike | Mapping[str, str] | None

@@ -30,6 +30,7 @@ from genemamba_jax import cli, inference
 from genemamba_jax import rundir
 from genemamba_jax.files import atomic_paths
 from genemamba_jax.data import genes as genes_lib
+from genemamba_jax.data import soma_reader
 from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import open_source
 
@@ -88,10 +89,12 @@ def embed_file(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *,
                poolings: Sequence[str] | None = None, batch_size: int = 64,
                gene_column: str | None = None, gene_map: str | None = None,
                layer: str | None = None, max_len: int | None = None,
-               gene_context: bool = False, progress: bool = True) -> EmbedResult:
-  """Loads `checkpoint` and embeds the cells of `input_path` (.h5ad, 10x folder or .h5)."""
+               gene_context: bool = False, progress: bool = True,
+               soma: soma_reader.SomaOptions | None = None) -> EmbedResult:
+  """Loads `checkpoint` and embeds the cells of `input_path` (.h5ad, 10x folder or .h5, or a
+  SOMA experiment read as `soma` says)."""
   model = rundir.load_pretrained(checkpoint)
-  source = open_source(input_path, layer, gene_column)
+  source = open_source(input_path, layer, gene_column, soma=soma)
   return embed_source(model, source, poolings=tuple(poolings or (default_pooling(model),)),
                       batch_size=batch_size, max_len=max_len, gene_context=gene_context,
                       gene_map=genes_lib.load_gene_map(gene_map) if gene_map else None,
@@ -171,7 +174,7 @@ def _run(args: argparse.Namespace) -> list[str]:
   model = rundir.load_pretrained(args.checkpoint)
   poolings = (("cls", "mean") if args.pooling == "both"
               else (args.pooling or default_pooling(model),))
-  source = open_source(args.input, args.layer, args.gene_column)
+  source = open_source(args.input, args.layer, args.gene_column, soma=soma_reader.options(args))
   result = embed_source(
       model, source, poolings=poolings, batch_size=args.batch_size, max_len=args.max_len,
       gene_context=args.genes_output is not None,
@@ -188,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True,
                       help="a train/finetune run directory (latest checkpoint) or checkpoints/<step>")
-  parser.add_argument("--input", required=True, help=".h5ad file, 10x folder or 10x .h5")
+  parser.add_argument("--input", required=True,
+                      help=".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder "
+                           "or URI)")
   parser.add_argument("--output", required=True, help="OUT.h5ad, OUT.npy or OUT.npz")
   parser.add_argument("--pooling", choices=("cls", "mean", "both"), default=None,
                       help="cell representation (default: cls if the model knows <cls>, else mean)")
@@ -202,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="symbol -> vocabulary id table (pkl/TSV), e.g. Geneformer's "
                            "gene_name_id_dict.pkl when the input has symbols and the vocabulary "
                            "Ensembl ids")
-  parser.add_argument("--layer", default=None,
-                      help="counts from this layer, or 'raw' for .raw.X (default: X)")
+  parser.add_argument("--layer", "--x-layer", default=None,
+                      help="counts from this layer, or 'raw' for .raw.X (default: X); of a SOMA "
+                           "experiment: its X layer (default raw)")
+  soma_reader.add_arguments(parser)
   parser.add_argument("--genes-output", default=None,
                       help="also write gene embeddings (input table and context means) to this .npz")
   parser.set_defaults(run=_run)

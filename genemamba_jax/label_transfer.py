@@ -31,6 +31,8 @@ from sklearn.neighbors import NearestNeighbors
 from genemamba_jax import cli, embed
 from genemamba_jax import cell_inputs
 from genemamba_jax import rundir
+from genemamba_jax.data import soma_reader
+from genemamba_jax.data.soma_reader import SomaOptions
 from genemamba_jax.errors import DataError
 
 UNKNOWN = "unknown"
@@ -134,15 +136,15 @@ def label_transfer(checkpoint_or_loaded_run: str | os.PathLike | rundir.Pretrain
                    unknown_threshold: float | None = None, gene_column: str | None = None,
                    gene_map: str | os.PathLike | Mapping[str, str] | None = None,
                    layer: str | None = None, batch_size: int = 64,
-                   progress: bool = True) -> pd.DataFrame:
+                   progress: bool = True, soma: SomaOptions | None = None) -> pd.DataFrame:
   """Embeds reference and query cells with a run, then `transfer_labels`.
 
   Args:
     checkpoint_or_loaded_run: a run directory, a checkpoints/<step> directory, or a
       `Pretrained` (`pretrained.load_pretrained`).
-    reference, query: AnnData objects or paths (.h5ad, 10x folder or .h5).
+    reference, query: AnnData objects or paths (.h5ad, 10x folder or .h5, SOMA experiment).
     label_column: the reference's obs column of labels (empty/NaN: unlabelled).
-    gene_column, gene_map, layer: how genes and counts are read, for both inputs
+    gene_column, gene_map, layer, soma: how genes and counts are read, for both inputs
       (see `embed`); gene_map is a table's path or a symbol -> id dict.
 
   Returns:
@@ -155,8 +157,8 @@ def label_transfer(checkpoint_or_loaded_run: str | os.PathLike | rundir.Pretrain
     raise DataError(f"--batch-size {batch_size} must be >= 1")
   model = cell_inputs.load_run(checkpoint_or_loaded_run)
   gene_map = cell_inputs.as_gene_map(gene_map)
-  reference = cell_inputs.as_source(reference, "reference", layer, gene_column)
-  query = cell_inputs.as_source(query, "query", layer, gene_column)
+  reference = cell_inputs.as_source(reference, "reference", layer, gene_column, soma)
+  query = cell_inputs.as_source(query, "query", layer, gene_column, soma)
   # Everything that can be refused is, before the cells are embedded.
   labels = cell_inputs.obs_column(reference, label_column, "--label-column")
   n_labelled = int(labelled(labels).sum())
@@ -193,7 +195,8 @@ def _run(args: argparse.Namespace) -> list[str]:
   result = label_transfer(
       args.checkpoint, args.reference, args.label_column, args.query, k=args.k,
       unknown_threshold=args.unknown_threshold, gene_column=args.gene_column,
-      gene_map=args.gene_map, layer=args.layer, batch_size=args.batch_size)
+      gene_map=args.gene_map, layer=args.layer, batch_size=args.batch_size,
+      soma=soma_reader.options(args))
   if suffix == ".csv":
     cell_inputs.write_csv(result.reset_index(), args.output)
   else:
@@ -214,10 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a train/finetune run directory (latest checkpoint) or "
                            "checkpoints/<step>")
   parser.add_argument("--reference", required=True,
-                      help="annotated cells: .h5ad file, 10x folder or 10x .h5")
+                      help="annotated cells: .h5ad file, 10x folder or 10x .h5, or a SOMA "
+                           "experiment (folder or URI)")
   parser.add_argument("--label-column", required=True,
                       help="the reference's obs column of labels (empty or NaN: unlabelled)")
-  parser.add_argument("--query", required=True, help="cells to label: .h5ad, 10x folder or .h5")
+  parser.add_argument("--query", required=True,
+                      help="cells to label: .h5ad, 10x folder or .h5, or a SOMA experiment")
   parser.add_argument("--output", required=True,
                       help="OUT.csv (obs_name, prediction, confidence) or OUT.h5ad (the query "
                            "with obs genemamba_prediction, genemamba_confidence)")
@@ -232,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="symbol -> vocabulary id table (pkl/TSV), e.g. Geneformer's "
                            "gene_name_id_dict.pkl when the inputs have symbols and the vocabulary "
                            "Ensembl ids")
-  parser.add_argument("--layer", default=None,
+  parser.add_argument("--layer", "--x-layer", default=None,
                       help="counts from this layer, or 'raw' for .raw.X, in both inputs "
-                           "(default: X)")
+                           "(default: X); of a SOMA experiment: its X layer (default raw)")
+  soma_reader.add_arguments(parser)
   parser.add_argument("--batch-size", type=int, default=64,
                       help="cells per forward pass (default 64); results do not depend on it")
   parser.set_defaults(run=_run)

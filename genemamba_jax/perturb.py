@@ -41,6 +41,7 @@ from genemamba_jax import cell_inputs, cli, embed, inference
 from genemamba_jax import rundir
 from genemamba_jax import progress as progress_lib
 from genemamba_jax.data import genes as genes_lib
+from genemamba_jax.data import soma_reader
 from genemamba_jax.errors import DataError
 
 MODES = ("delete", "overexpress")
@@ -223,13 +224,15 @@ def perturb(checkpoint_or_loaded_run: str | os.PathLike | rundir.Pretrained,
             target: str | None = None, batch_size: int = 64,
             gene_map: str | os.PathLike | Mapping[str, str] | None = None,
             gene_column: str | None = None, layer: str | None = None, progress: bool = True,
-            skip_unknown: bool = False) -> pd.DataFrame:
+            skip_unknown: bool = False, soma: soma_reader.SomaOptions | None = None
+            ) -> pd.DataFrame:
   """In silico deletion or overexpression of `genes` in every cell (see the module docstring).
 
   Args:
     checkpoint_or_loaded_run: a run directory, a checkpoints/<step> directory, or a
       `Pretrained` (`pretrained.load_pretrained`).
-    adata_or_path: the cells, an AnnData object or a path (.h5ad, 10x folder or .h5).
+    adata_or_path: the cells, an AnnData object or a path (.h5ad, 10x folder or .h5, or a SOMA
+      experiment, read as `soma` says).
     genes: genes named as the input names them (symbols or Ensembl ids).
     mode: "delete" or "overexpress".
     target_column, target: both or neither; adds `toward_target`.
@@ -251,7 +254,7 @@ def perturb(checkpoint_or_loaded_run: str | os.PathLike | rundir.Pretrained,
   model = cell_inputs.load_run(checkpoint_or_loaded_run)
   gene_map = cell_inputs.as_gene_map(gene_map)
   tokens = gene_tokens(genes, model.vocab, gene_map, skip_unknown)
-  source = cell_inputs.as_source(adata_or_path, "<AnnData>", layer, gene_column)
+  source = cell_inputs.as_source(adata_or_path, "<AnnData>", layer, gene_column, soma)
   group = None  # everything that can be refused is, before the cells are tokenized
   if target_column is not None:
     group = target_group(cell_inputs.obs_column(source, target_column, "--target-column"),
@@ -292,7 +295,7 @@ def _run(args: argparse.Namespace) -> list[str]:
   genes = args.genes.split(",")
   result = perturb(args.checkpoint, args.input, genes, args.mode, args.target_column,
                    args.target, args.batch_size, args.gene_map, args.gene_column, args.layer,
-                   skip_unknown=args.skip_unknown)
+                   skip_unknown=args.skip_unknown, soma=soma_reader.options(args))
   cell_inputs.write_csv(result, args.output)
   lines = []
   for gene, rows in result.groupby("gene", sort=False):
@@ -311,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--checkpoint", required=True,
                       help="a train/finetune run directory (latest checkpoint) or "
                            "checkpoints/<step>")
-  parser.add_argument("--input", required=True, help=".h5ad file, 10x folder or 10x .h5")
+  parser.add_argument("--input", required=True,
+                      help=".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder "
+                           "or URI)")
   parser.add_argument("--genes", required=True,
                       help="genes to perturb, comma-separated, named as the input names them")
   parser.add_argument("--mode", required=True, choices=MODES,
@@ -333,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="symbol -> vocabulary id table (pkl/TSV), e.g. Geneformer's "
                            "gene_name_id_dict.pkl when the input has symbols and the vocabulary "
                            "Ensembl ids")
-  parser.add_argument("--layer", default=None,
-                      help="counts from this layer, or 'raw' for .raw.X (default: X)")
+  parser.add_argument("--layer", "--x-layer", default=None,
+                      help="counts from this layer, or 'raw' for .raw.X (default: X); of a SOMA "
+                           "experiment: its X layer (default raw)")
+  soma_reader.add_arguments(parser)
   parser.set_defaults(run=_run)
   return parser
 

@@ -10,7 +10,9 @@
         [--max-len 2048] [--cls] [--eos] [--label-column cell_type] [--workers 4]
 
 Inputs are .h5ad files, 10x Cell Ranger outputs (a filtered_feature_bc_matrix/
-folder or .h5 file) or directories of them. Bad input ends the command with a
+folder or .h5 file), SOMA experiments (a folder or URI, e.g. the CELLxGENE Census:
+--measurement RNA --x-layer raw --obs-filter "is_primary_data == True") or
+directories of them. Bad input ends the command with a
 one-line error on stderr and exit status 2.
 """
 
@@ -21,14 +23,16 @@ import sys
 from typing import Sequence
 
 from genemamba_jax import cli
-from genemamba_jax.data import jobs
+from genemamba_jax.data import jobs, soma_reader
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
-                 help=".h5ad files, 10x outputs (folder or .h5), or directories of them")
-  p.add_argument("--layer", default=None,
-                 help="counts from this layer ('raw' = .raw.X) instead of X, e.g. --layer counts")
+                 help=".h5ad files, 10x outputs (folder or .h5), SOMA experiments (folder or "
+                      "URI), or directories of them")
+  p.add_argument("--layer", "--x-layer", default=None,
+                 help="counts from this layer ('raw' = .raw.X) instead of X, e.g. --layer counts; "
+                      "of a SOMA experiment: its X layer (default raw)")
   p.add_argument("--gene-column", default=None,
                  help="var column holding gene ids (default: the var index)")
   p.add_argument("--gene-map", default=None, metavar="FILE",
@@ -45,10 +49,12 @@ def _input_args(p: argparse.ArgumentParser) -> None:
                  help="cells per work unit / output shard (default 50,000)")
   p.add_argument("--in-memory", action="store_true",
                  help="read each .h5ad whole with anndata instead of streaming it in chunks")
+  soma_reader.add_arguments(p)
 
 
 def _input_config(a: argparse.Namespace) -> jobs.InputConfig:
-  return jobs.InputConfig(a.layer, a.gene_column, a.gene_map, a.in_memory)
+  return jobs.InputConfig(a.layer, a.gene_column, a.gene_map, a.in_memory,
+                          soma_reader.options(a))
 
 
 def _medians(a: argparse.Namespace) -> list[str]:

@@ -37,6 +37,20 @@ def require_parity(package: str):
     pytest.skip(reason, allow_module_level=True)
 
 
+@pytest.fixture(scope="session")
+def tiledbsoma():
+  """The tiledbsoma module (the `soma` extra); skips with how to install it when missing (fails
+  on CI, which installs it)."""
+  try:
+    import tiledbsoma as module  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    reason = "the SOMA input tests need tiledbsoma: pip install -e '.[test,soma]'"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(reason)
+    pytest.skip(reason)
+  return module
+
+
 @pytest.fixture
 def shared_data() -> Path:
   """Path of the shared real-data folder; skips (fails on CI) when missing."""

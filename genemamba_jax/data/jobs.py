@@ -30,6 +30,7 @@ from genemamba_jax import progress
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
 from genemamba_jax.data import readers
+from genemamba_jax.data.soma_reader import SomaOptions
 from genemamba_jax.errors import DataError
 
 
@@ -40,6 +41,14 @@ class InputConfig:
   gene_column: str | None = None  # var column with gene ids; None = var index
   gene_map: str | None = None  # symbol -> Ensembl id table (.pkl or TSV)
   in_memory: bool = False  # read each .h5ad whole instead of streaming it
+  soma: SomaOptions = SomaOptions()  # measurement, obs filter, TileDB settings of SOMA inputs
+
+  def settings(self) -> dict:
+    """The fields as a JSON-ready dict for the files a run writes; of the TileDB settings only
+    the keys (values may be credentials, e.g. vfs.s3.aws_secret_access_key)."""
+    out = dataclasses.asdict(self)
+    out["soma"]["tiledb_config"] = sorted(key for key, _ in self.soma.tiledb_config)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +69,8 @@ def open_cached(path: str, config: InputConfig) -> readers.CountSource:
   key = (str(path), config)
   if key not in _SOURCE_CACHE:
     _SOURCE_CACHE.clear()  # one file at a time: units of a file are contiguous
-    _SOURCE_CACHE[key] = readers.open_source(path, config.layer, config.gene_column, config.in_memory)
+    _SOURCE_CACHE[key] = readers.open_source(path, config.layer, config.gene_column,
+                                             config.in_memory, config.soma)
   return _SOURCE_CACHE[key]
 
 
@@ -77,7 +87,7 @@ def plan(inputs: Sequence[str | os.PathLike], config: InputConfig, cells_per_sha
   """Expands inputs and splits them into units; returns (paths, units, cells per path)."""
   if cells_per_shard < 1:
     raise DataError(f"--cells-per-shard must be >= 1, got {cells_per_shard}")
-  paths = [str(p.resolve()) for p in readers.expand_inputs(inputs)]
+  paths = [str(p.resolve()) if isinstance(p, Path) else p for p in readers.expand_inputs(inputs)]
   units, sizes = [], []
   for i, path in enumerate(paths):
     n = open_cached(path, config).n_cells

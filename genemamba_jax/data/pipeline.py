@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Mapping
 
 import numpy as np
 
-from genemamba_jax.data import records
+from genemamba_jax.data import corpora, records
 from genemamba_jax.errors import DataError
 
 # Threads per process that build whole batches ahead of the consumer. Decoding
@@ -168,15 +167,15 @@ def _check_int(name: str, value: Any, lo: int, hint: str) -> int:
   return int(value)
 
 
-def _plan(data_dir: str | os.PathLike, config: PipelineConfig
-          ) -> tuple[dict, slice, int]:
-  """Validates `config` against the dataset.
+def _plan(data_dir, config: PipelineConfig) -> tuple[dict, slice, int]:
+  """Validates `config` against the dataset (one directory or several, `corpora`).
 
   Returns:
     (manifest, slice of the shuffled global order this process reads, number
     of cells in that slice).
   """
-  manifest = records.load_manifest(data_dir)
+  manifest = corpora.load_manifest(data_dir)
+  data_dir = corpora.describe(data_dir)
   _check_int("batch_size", config.batch_size, 1, "use a positive batch size.")
   settings = manifest.get("settings", {})
   num_special = int(bool(settings.get("cls"))) + int(bool(settings.get("eos")))
@@ -223,8 +222,7 @@ def _plan(data_dir: str | os.PathLike, config: PipelineConfig
   return manifest, sl, per_shard
 
 
-def num_batches_per_epoch(data_dir: str | os.PathLike,
-                          config: PipelineConfig) -> int:
+def num_batches_per_epoch(data_dir, config: PipelineConfig) -> int:
   """Batches one epoch yields on this process shard."""
   _, _, per_shard = _plan(data_dir, config)
   if config.drop_remainder:
@@ -245,11 +243,13 @@ def _allow_unparsed_profiling_flag() -> None:
     flags.FLAGS[name].present = True
 
 
-def make_dataset(data_dir: str | os.PathLike, config: PipelineConfig):
+def make_dataset(data_dir, config: PipelineConfig):
   """Builds the input pipeline of a tokenized dataset.
 
   Args:
-    data_dir: tokenized dataset directory (manifest.json + shards/).
+    data_dir: tokenized dataset directory (manifest.json + shards/), or
+      several read as one corpus: a comma-separated string or a list of paths
+      (`genemamba_jax.data.corpora`); their shards are concatenated in order.
     config: pipeline settings.
 
   Returns:
@@ -259,9 +259,10 @@ def make_dataset(data_dir: str | os.PathLike, config: PipelineConfig):
     done to stop the worker processes promptly.
   """
   import grain  # pylint: disable=g-import-not-at-top
-  data_dir = os.fspath(data_dir)
   manifest, sl, _ = _plan(data_dir, config)
-  files = records.shard_files(data_dir, manifest)
+  # Several directories: the combined manifest's shard paths are absolute.
+  files = records.shard_files(corpora.split_paths(data_dir)[0], manifest)
+  data_dir = corpora.describe(data_dir)
   source = grain.sources.ArrayRecordDataSource([path for path, _ in files])
   if len(source) != int(manifest["num_cells"]):
     raise DataError(

@@ -103,7 +103,7 @@ def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.Pat
     readers.check_obs_columns(source, columns.names())
   vocab_files = [Path(vocab_dir) / vocab_lib.VOCAB_FILE, Path(vocab_dir) / vocab_lib.MEDIANS_FILE]
   settings = {"inputs": paths, "cells": sizes, "vocab": jobs.fingerprint(vocab_files),
-              "tokenize": dataclasses.asdict(config), "input": dataclasses.asdict(input_config),
+              "tokenize": dataclasses.asdict(config), "input": input_config.settings(),
               "columns": dataclasses.asdict(columns), "cells_per_shard": cells_per_shard}
   created = not out_dir.exists()
   _check_settings(out_dir, settings)
@@ -177,7 +177,7 @@ def _manifest(paths, units, shard_stats, tokenizer, config, input_config, column
       "medians": tokenizer.medians,
       "special_ids": {"pad": vocab.pad_id, "mask": vocab.mask_id, "cls": vocab.cls_id,
                       "eos": vocab.eos_id},
-      "settings": {**dataclasses.asdict(config), **dataclasses.asdict(input_config)},
+      "settings": {**dataclasses.asdict(config), **input_config.settings()},
       # Sorted: a resumed run reads the counts of finished shards back from their sidecars
       # (sorted JSON), and its manifest must be the same bytes as an uninterrupted run's.
       "summary": {**dict(sorted(total.items())), "genes_matched": genes},

@@ -1,4 +1,5 @@
-"""Reading count matrices in chunks of cells: .h5ad (streamed or in memory), 10x Cell Ranger.
+"""Reading count matrices in chunks of cells: .h5ad (streamed or in memory), 10x Cell Ranger,
+SOMA experiments (the CELLxGENE Census format, `soma_reader`).
 
 Every reader is a `CountSource`: it knows its number of cells and its gene ids,
 and yields `CellChunk`s of raw counts, `chunk_size` cells at a time, so a corpus
@@ -24,6 +25,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
+from genemamba_jax.data import soma_reader
 from genemamba_jax.errors import DataError, option
 
 
@@ -264,8 +266,16 @@ def _read_10x_h5(path: Path):
 
 
 def open_source(path: str | os.PathLike, layer: str | None = None, gene_column: str | None = None,
-                in_memory: bool = False) -> CountSource:
-  """Opens one input: an .h5ad file, a 10x folder or a 10x .h5 file."""
+                in_memory: bool = False, soma: soma_reader.SomaOptions | None = None
+                ) -> CountSource:
+  """Opens one input: an .h5ad file, a 10x folder or .h5 file, or a SOMA experiment (a folder
+  or a URI, read as `soma` says)."""
+  soma = soma or soma_reader.SomaOptions()
+  if soma_reader.is_soma(path):
+    return soma_reader.SomaSource(path, layer, gene_column, soma)
+  if soma.obs_filter is not None:
+    raise DataError(f"{path}: {option('obs_filter')} applies to SOMA experiments; select the "
+                    "cells of an .h5ad or 10x input before")
   p = Path(path)
   if not p.exists():
     raise DataError(f"{p}: no such file or directory")
@@ -291,19 +301,25 @@ def _is_10x_folder(p: Path) -> bool:
   return any((p / n).exists() for n in ("matrix.mtx.gz", "matrix.mtx"))
 
 
-def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-  """Files/folders to read, in order: a directory expands to its .h5ad/.h5 files
-  and 10x matrix folders (sorted by name); a 10x folder stays one input."""
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path | str]:
+  """Files/folders to read, in order: a directory expands to its .h5ad/.h5 files, 10x matrix
+  folders and SOMA experiments (sorted by name); a 10x folder or SOMA experiment stays one
+  input, a URI (a remote SOMA experiment) is kept as the string given."""
   out = []
   for path in paths:
+    if soma_reader.is_uri(path):
+      out.append(os.fspath(path))
+      continue
     p = Path(path)
     if not p.exists():
       raise DataError(f"{p}: no such file or directory")
-    if p.is_dir() and not _is_10x_folder(p):
+    if p.is_dir() and not _is_10x_folder(p) and not soma_reader.is_soma(p):
       found = sorted(c for c in p.iterdir() if not c.name.startswith(".") and (
-          c.suffix in (".h5ad", ".h5") or (c.is_dir() and _is_10x_folder(c))))
+          c.suffix in (".h5ad", ".h5") or (c.is_dir() and (_is_10x_folder(c)
+                                                            or soma_reader.is_soma(c)))))
       if not found:
-        raise DataError(f"{p}: directory holds no .h5ad, 10x .h5 or 10x matrix folder")
+        raise DataError(f"{p}: directory holds no .h5ad, 10x .h5, 10x matrix folder or SOMA "
+                        "experiment")
       out.extend(found)
     else:
       out.append(p)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from genemamba_jax import cli, progress
+from genemamba_jax.data import soma_reader  # light: tiledbsoma is imported on first use
 from genemamba_jax.errors import DataError
 
 
@@ -49,8 +50,8 @@ def _reconstruction(a) -> list[str]:
   tokenizer = model.tokenizer(max_len=a.max_len,
                               gene_map=genes.load_gene_map(a.gene_map) if a.gene_map else None)
   log(f"tokenizing {a.input} with the checkpoint's vocabulary")
-  sentences, _, _ = inference.tokenize_all(tokenizer, open_source(a.input, a.layer,
-                                                                  a.gene_column))
+  source = open_source(a.input, a.layer, a.gene_column, soma=soma_reader.options(a))
+  sentences, _, _ = inference.tokenize_all(tokenizer, source)
   chosen = reconstruction.sample_cells(len(sentences), a.cells, a.seed)
   sentences = [sentences[i] for i in chosen if len(sentences[i])]
   vocab = model.vocab
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("reconstruction", help="gene rank reconstruction, original and leak-free")
   p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
-  p.add_argument("--input", required=True, help=".h5ad / 10x input with the cells")
+  p.add_argument("--input", required=True,
+                 help=".h5ad / 10x input with the cells, or a SOMA experiment (folder or URI)")
   p.add_argument("--out", required=True, help="folder for reconstruction.csv/.json and the plot")
   p.add_argument("--cells", type=int, default=100,
                  help="random cells to score (the original used 10; <= 0: all)")
@@ -151,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="var column with the gene ids (default: the var index)")
   p.add_argument("--gene-map", default=None,
                  help="symbol -> vocabulary id table (pkl/TSV) when the input has symbols")
-  p.add_argument("--layer", default=None,
-                 help="counts from this layer, or 'raw' for .raw.X (default: X)")
+  p.add_argument("--layer", "--x-layer", default=None,
+                 help="counts from this layer, or 'raw' for .raw.X (default: X); of a SOMA "
+                      "experiment: its X layer (default raw)")
+  soma_reader.add_arguments(p)
   p.set_defaults(run=_reconstruction)
 
   p = sub.add_parser("gene-pairs", help="Gene2Vec pair benchmark on gene embeddings")

@@ -30,7 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_checkpoint = ""
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # a tokenized directory (prepare tokenize); "demo:pbmc68k_reduced": the demo's
+  # A tokenized directory (prepare tokenize), or several comma-separated (one corpus: same
+  # vocabulary and settings, data/corpora.py); "demo:pbmc68k_reduced": the demo's.
+  c.data.path = ""
   c.data.max_len = 2048  # L: crop / pad every cell to this many tokens
   c.data.eval_fraction = 0.01  # cells held out for the evaluation loss
   c.data.worker_count = 0  # Grain worker processes prefetching batches (0: in this process)
@@ -149,8 +151,8 @@ def check(c: ml_collections.ConfigDict) -> None:
   if c.objective not in objectives.OBJECTIVES:
     raise DataError(f"objective={c.objective!r}; use one of {', '.join(objectives.OBJECTIVES)}")
   if not c.data.path:
-    raise DataError("set data.path to a tokenized directory (prepare tokenize), or to "
-                     "demo:pbmc68k_reduced for the embedded demo data")
+    raise DataError("set data.path to a tokenized directory (prepare tokenize) or several "
+                    "comma-separated, or to demo:pbmc68k_reduced for the embedded demo data")
   for key in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
     if c[key] < 1:
       raise DataError(f"{key}={c[key]} must be >= 1")

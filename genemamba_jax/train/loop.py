@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from genemamba_jax import rundir
-from genemamba_jax.data import genes, records
+from genemamba_jax.data import corpora, genes
 from genemamba_jax.data.pipeline import PipelineConfig, make_dataset
 from genemamba_jax.data.vocab import Vocab
 from genemamba_jax.train import checkpoint as checkpoint_lib
@@ -41,7 +41,8 @@ class TrainingError(RuntimeError):
 
 
 def data_path(c: ml_collections.ConfigDict) -> str:
-  """The tokenized directory to train on; DEMO_DATA prepares (once) and returns the demo's."""
+  """The tokenized directory (or comma-separated directories, `corpora`) to train on; DEMO_DATA
+  prepares (once) and returns the demo's."""
   if c.data.path != config_lib.DEMO_DATA:
     return c.data.path
   from genemamba_jax.data import demo  # pylint: disable=g-import-not-at-top
@@ -87,7 +88,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.maybe_initialize_distributed(c.mesh)  # before any other JAX call
   config_lib.check(c)
   path = data_path(c)
-  manifest = records.load_manifest(path)
+  manifest = corpora.load_manifest(path)
   streams = objectives.model_streams_for(c.objective)
   init_params = None
   if c.init_checkpoint:
@@ -113,7 +114,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     resume.write_config(workdir, config_json)
     rundir.write_run_files(
-        workdir, model_config, Vocab(manifest["vocab"], f"{path}/manifest.json"),
+        workdir, model_config,
+        Vocab(manifest["vocab"], f"{corpora.split_paths(path)[0]}/manifest.json"),
         manifest["medians"], {**manifest.get("settings", {}), "max_len": c.data.max_len})
   train_it = iter(make_dataset(path, _pipeline(path, c, "train", per_process)))
 

@@ -15,10 +15,11 @@ LABELS = ["B cell", "T cell"]
 BATCHES = ["donor1", "donor2"]
 
 
-def _build(out_dir, shard_sizes, eos=True, labels=LABELS, seed=0):
-  """Writes a dataset; cell i's first gene token is 100 + i (its identity)."""
+def _build(out_dir, shard_sizes, eos=True, labels=LABELS, seed=0, first=0, **manifest):
+  """Writes a dataset; cell i's first gene token is 100 + first + i (its identity). `manifest`
+  replaces fields of the manifest written."""
   rng = np.random.default_rng(seed)
-  cells, shards, i = [], [], 0
+  cells, shards, i = [], [], first
   for s, size in enumerate(shard_sizes):
     with records.ShardWriter(out_dir, s, "uint16") as w:
       for _ in range(size):
@@ -37,12 +38,12 @@ def _build(out_dir, shard_sizes, eos=True, labels=LABELS, seed=0):
       w.finish({})
     shards.append({"file": f"shards/{s:05d}.array_record", "num_cells": size})
   records.write_manifest(out_dir, {
-      "format": "genemamba-tokens", "version": 1, "num_cells": i,
+      "format": "genemamba-tokens", "version": 1, "num_cells": i - first,
       "token_dtype": "uint16", "shards": shards, "sources": ["a.h5ad"],
       "labels": list(labels), "batches": BATCHES, "vocab": {}, "medians": {},
       "settings": {"max_len": 64, "cls": True, "eos": eos},
       "special_ids": {"pad": 0, "mask": 1, "cls": CLS, "eos": EOS},
-      "summary": {}})
+      "summary": {}, **manifest})
   return cells
 
 

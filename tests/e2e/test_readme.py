@@ -54,3 +54,22 @@ def test_every_metrics_jsonl_key_of_a_training_run_is_documented(kang_pretrained
   keys = set().union(*rows)
   assert {"batch_checksum", "accuracy", "steps_per_s", "eval_loss"} <= keys  # a real run's rows
   assert [k for k in sorted(keys) if not _documented(k)] == []
+
+
+@pytest.mark.slow
+def test_scaling_out_soma_and_two_corpora_examples_run(tmp_path, tiledbsoma):
+  """"CELLxGENE Census input" (the local SOMA example) then "Several corpora as one" (trained for
+  one step here), as written, in a scratch folder."""
+  (tmp_path / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+  python = f"{sys.executable} "
+  soma = code_block("### CELLxGENE Census input", "bash").replace("python ", python)
+  train = code_block("### Several corpora as one", "bash").replace("python ", python)
+  for script in (soma, train.rstrip() + " --config.num_steps=1\n"):
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+  from genemamba_jax.data import corpora  # pylint: disable=g-import-not-at-top
+  manifest = corpora.load_manifest([tmp_path / "runs/demo_data/tokens",
+                                     tmp_path / "runs/demo_soma_tokens"])
+  assert manifest["num_cells"] == 700 + 129  # the demo's cells and its 129 CD14+ monocytes
+  assert (tmp_path / "runs/two_corpora/checkpoints").is_dir()
