@@ -88,13 +88,14 @@ def _fingerprint(path: str) -> str | None:
   return h.hexdigest()
 
 
-def _fingerprints(paths: Sequence[str]) -> list[str | None]:
-  return [_fingerprint(p) for p in paths]
+def _view(paths: Sequence[str], writable: str | None) -> list:
+  """Runs on every worker (and here): the fingerprint of each path, and whether `writable` is."""
+  return [_fingerprint(p) for p in paths] + [writable is None or os.access(writable, os.W_OK)]
 
 
 def check_shared(client, paths: Sequence[str], writable: str | None = None) -> None:
   """DataError unless every worker sees `paths` (files or folders) as this process does, and
-  can write to folder `writable` (written with a marker file that workers must read back)."""
+  can write to folder `writable` (which must hold the marker file written here, too)."""
   paths = [str(p) for p in paths]
   marker = None
   if writable is not None:
@@ -103,17 +104,21 @@ def check_shared(client, paths: Sequence[str], writable: str | None = None) -> N
       f.write(socket.gethostname())
     paths.append(marker)
   try:
-    mine = _fingerprints(paths)
+    mine = _view(paths, writable)
     try:
-      theirs = client.run(_fingerprints, paths)
-    except Exception as e:  # pylint: disable=broad-except  # e.g. the package is missing there
-      raise DataError(f"the Dask workers could not run genemamba_jax ({type(e).__name__}: "
-                      f"{' '.join(str(e).split())[:200]}); install it on every worker: "
-                      f"{_INSTALL}") from None
+      theirs = client.run(_view, paths, writable)
+    except Exception as e:  # pylint: disable=broad-except  # missing there, or another version
+      raise DataError(f"the Dask workers could not run this genemamba_jax ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]}); install the same version on every "
+                      f"worker ({_INSTALL}) and restart them") from None
   finally:
     if marker is not None:
       os.remove(marker)
   for worker, seen in sorted(theirs.items()):
+    if not seen[-1]:
+      raise DataError(f"Dask worker {worker} cannot write to the output directory {writable}; "
+                      "give the workers write access to --out (or pass an --out they can "
+                      "write to, on storage shared with this process)")
     for path, a, b in zip(paths, mine, seen):
       if a != b:
         what = ("the output directory " + writable if path == marker
@@ -144,6 +149,7 @@ def run_units(address: str, fn: Callable, units: Sequence, args: tuple, desc: st
     futures = [client.submit(_run_unit, fn, unit, *args, key=f"{desc}-{run}-{unit.index}",
                              retries=RETRIES, pure=False) for unit in units]
     index = {f.key: unit.index for f, unit in zip(futures, units)}
+    pending = {f.key: f for f in futures}
     try:
       for future in distributed.as_completed(futures, loop=client.loop):
         try:
@@ -152,11 +158,13 @@ def run_units(address: str, fn: Callable, units: Sequence, args: tuple, desc: st
           raise DataError(f"{desc}: unit {index[future.key]} ended the worker running it again "
                           "and again (out of memory?); lower --cells-per-shard, or give the "
                           "workers more memory, and re-run") from None
+        del pending[future.key]
+        future.release()  # the worker frees the result (a unit's digests can be large)
         if isinstance(result, DataError):
           raise result
         yield index[future.key], result
     except BaseException:
-      client.cancel(futures)
+      client.cancel(list(pending.values()))
       raise
   finally:
     client.close()
