@@ -28,6 +28,7 @@ import results  # noqa: E402  (bench/results.py)
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 WORK = ROOT / "bench" / "_work" / "dask"
+HEADING = "## Preprocessing on a Dask cluster (1 process vs 2 workers)"
 
 
 def make_file(n_cells: int) -> Path:
@@ -48,19 +49,37 @@ def make_file(n_cells: int) -> Path:
 
 
 def child(argv) -> None:
+  import resource
   from genemamba_jax import prepare
   t0 = time.perf_counter()
   status = prepare.main(argv)
-  print(f"RESULT status={status} seconds={time.perf_counter() - t0:.3f}")
+  seconds = time.perf_counter() - t0
+  cpu = sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime")
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+  print(f"RESULT status={status} seconds={seconds:.3f} cpu={cpu:.3f}")
 
 
-def timed(argv) -> float:
+def cpu_seconds(pids) -> float:
+  """CPU seconds (user + system) the processes used so far."""
+  ticks = os.sysconf("SC_CLK_TCK")
+  total = 0
+  for pid in pids:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    total += int(fields[11]) + int(fields[12])  # utime, stime
+  return total / ticks
+
+
+def timed(argv, services=()) -> tuple[float, float]:
+  """(wall seconds, CPU seconds of the command and of the `services` processes)."""
+  before = cpu_seconds(services)
   res = subprocess.run([sys.executable, __file__, "--child", *map(str, argv)],
                        capture_output=True, text=True, check=False)
   line = [l for l in res.stdout.splitlines() if l.startswith("RESULT")]
   if res.returncode or not line or "status=0" not in line[-1]:
     raise SystemExit(f"{' '.join(map(str, argv[:1]))} failed:\n{res.stderr[-2000:]}")
-  return float(line[-1].split("seconds=")[1])
+  fields = dict(kv.split("=") for kv in line[-1].split()[1:])
+  return float(fields["seconds"]), float(fields["cpu"]) + cpu_seconds(services) - before
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -102,13 +121,13 @@ def main() -> None:
   common = ["--input", data, "--gene-column", "ensembl_id", "--cells-per-shard",
             args.cells_per_shard]
 
-  def run(kind: str, tag: str, extra=()) -> float:
+  def run(kind: str, tag: str, extra=(), services=()) -> tuple[float, float]:
     out = WORK / f"{kind}_{tag}"
     shutil.rmtree(out, ignore_errors=True)
     if kind == "medians":
-      return timed(["medians", *common, "--out", out, *extra])
+      return timed(["medians", *common, "--out", out, *extra], services)
     return timed(["tokenize", *common, "--vocab", WORK / "medians_local", "--out", out,
-                  "--label-column", "cell_type", *extra])
+                  "--label-column", "cell_type", *extra], services)
 
   load = os.getloadavg()
   rows = {}
@@ -118,7 +137,8 @@ def main() -> None:
   try:
     for tag in ("cold", "warm"):
       for kind in ("medians", "tokenize"):
-        rows[kind][tag] = run(kind, tag, ["--dask-scheduler", address])
+        rows[kind][tag] = run(kind, tag, ["--dask-scheduler", address],
+                              [p.pid for p in procs])
         assert same_files(WORK / f"{kind}_local", WORK / f"{kind}_{tag}"), (kind, tag)
   finally:
     for p in procs[::-1]:
@@ -128,26 +148,36 @@ def main() -> None:
   lines = ["| command | 1 local process | 2 Dask workers, cold | 2 Dask workers, warm | "
            "speed-up (warm) |", "|---|---|---|---|---|"]
   for kind, r in rows.items():
-    lines.append(f"| `prepare {kind}` | {r['local']:.1f} s | {r['cold']:.1f} s | "
-                 f"{r['warm']:.1f} s | **{r['local'] / r['warm']:.2f}x** |")
+    cells = [f"{r[t][0]:.1f} s (CPU {r[t][1]:.1f} s)" for t in ("local", "cold", "warm")]
+    lines.append(f"| `prepare {kind}` | {' | '.join(cells)} | "
+                 f"**{r['local'][0] / r['warm'][0]:.2f}x** |")
   print("\n".join(lines))
   print(f"load average before / after: {load}")
   if args.write:
-    results.write_section("## Preprocessing on a Dask cluster (1 process vs 2 workers)", f"""\
-## Preprocessing on a Dask cluster (1 process vs 2 workers)
+    units = -(-args.cells // args.cells_per_shard)
+    extra = ", ".join(f"{k} {r['warm'][1] - r['local'][1]:+.1f} s" for k, r in rows.items())
+    results.write_section(HEADING, f"""\
+{HEADING}
 
-`python bench/bench_prepare_dask.py`: real Kang PBMCs (`kang_pbmc_ifnb.h5ad`, 1,556 cells x 1,267
-genes) tiled to {args.cells:,} cells, {args.cells_per_shard:,}-cell units
-({-(-args.cells // args.cells_per_shard)} units). Each command runs in a fresh client process,
-timed inside it: alone (1 process), then with `--dask-scheduler` against a scheduler and 2 worker
-processes (1 thread each) on 127.0.0.1, just started (cold: their imports and numba compilation
-included) and again (warm). Every Dask output is byte for byte the local one (checked).
+`python bench/bench_prepare_dask.py --write`: real Kang PBMCs (`kang_pbmc_ifnb.h5ad`, 1,556
+cells x 1,267 genes) tiled to {args.cells:,} cells in {units} units of {args.cells_per_shard:,}.
+Each command runs in a fresh client process, timed inside it: alone (1
+process), then with `--dask-scheduler` against a scheduler and 2 worker processes (1 thread
+each) on 127.0.0.1, just started (cold: their imports and numba compilation included) and again
+(warm). Every Dask output is byte for byte the local one (checked). Wall seconds, and (CPU) the
+CPU seconds of the client process plus, with Dask, those the scheduler and the workers used
+meanwhile.
 
-- machine: {results.machine()}; **loaded**: the 2 cores were shared with other jobs (load
-  average {load} before / after), so the ratios are indicative only
+- machine: {results.machine()}
+- **loaded**: the 2 cores were shared with other jobs (load average {load} before /
+  after), so no core was free for the second worker and the wall times follow the total CPU
 - date: {time.strftime('%Y-%m-%d')}
 
 {chr(10).join(lines)}
+
+- the cluster's own cost, warm, in CPU seconds against 1 process: {extra}
+  (the client's import of dask.distributed and connection, the scheduler, moving results); a
+  speed-up needs idle cores or nodes for the workers, which this machine did not have
 """)
 
 
