@@ -115,10 +115,6 @@ def check_shared(client, paths: Sequence[str], writable: str | None = None) -> N
     if marker is not None:
       os.remove(marker)
   for worker, seen in sorted(theirs.items()):
-    if not seen[-1]:
-      raise DataError(f"Dask worker {worker} cannot write to the output directory {writable}; "
-                      "give the workers write access to --out (or pass an --out they can "
-                      "write to, on storage shared with this process)")
     for path, a, b in zip(paths, mine, seen):
       if a != b:
         what = ("the output directory " + writable if path == marker
@@ -126,6 +122,10 @@ def check_shared(client, paths: Sequence[str], writable: str | None = None) -> N
         raise DataError(f"Dask worker {worker} cannot see {what} as this process does; the "
                         "inputs, --vocab and --out must be on storage shared by the client and "
                         "every worker (e.g. a network file system), under the same path")
+    if not seen[-1]:
+      raise DataError(f"Dask worker {worker} cannot write to the output directory {writable}; "
+                      "give the workers write access to --out (or pass an --out they can "
+                      "write to, on storage shared with this process)")
 
 
 def _run_unit(fn: Callable, unit, *args):

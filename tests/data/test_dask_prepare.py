@@ -109,16 +109,24 @@ def test_tokens_equal_single_process(cluster, single, kang, tmp_path):
   assert _files(tmp_path / "t") == _files(single / "tokens")  # shards, sidecars and manifest
 
 
+# What a third worker sees at the client's folder `shared`: another machine's empty folder, or
+# the same folder read-only.
+VIEWS = {"cannot see the output directory": 'mount -t tmpfs none "{0}"',
+         "cannot write to the output directory": 'mount --bind "{0}" "{0}" && '
+                                                 'mount -o remount,ro,bind "{0}"'}
+
+
 @pytest.mark.slow
-def test_worker_that_cannot_see_the_output_is_refused(cluster, single, kang, tmp_path, capsys):
+@pytest.mark.parametrize("problem", list(VIEWS))
+def test_worker_that_cannot_see_or_write_the_output_is_refused(cluster, single, kang, tmp_path,
+                                                               capsys, problem):
   if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
     pytest.skip("needs `unshare -rm` (user namespaces) to give a worker its own view of a folder")
   shared = tmp_path / "shared"
   shared.mkdir()
   address, client, _ = cluster
-  # This worker sees an empty tmpfs where the client sees `shared`: another machine's view.
   hidden = _worker(address, tmp_path, prefix=(
-      "unshare", "-rm", "sh", "-c", f'mount -t tmpfs none "{shared}" && exec "$0" "$@"'))
+      "unshare", "-rm", "sh", "-c", VIEWS[problem].format(shared) + ' && exec "$0" "$@"'))
   try:
     client.wait_for_workers(3, timeout=60)
     status = prepare.main([str(a) for a in _tokenize_args(
@@ -127,8 +135,8 @@ def test_worker_that_cannot_see_the_output_is_refused(cluster, single, kang, tmp
     _stop([hidden])
   err = capsys.readouterr().err
   assert status == 2
-  assert f"cannot see the output directory {shared / 't'}" in err
-  assert "storage shared by the client and every worker" in err
+  assert f"{problem} {shared / 't'}" in err
+  assert "shared" in err.splitlines()[-1].split(";")[1]  # says what to do
   assert "Traceback" not in err
   assert not (shared / "t").exists()  # nothing left that a re-run trips over
   deadline = time.time() + 30
