@@ -127,14 +127,21 @@ def _remove_unfinished(out_dir: Path, created: bool) -> None:
   it finished no shard, its settings file, empty shards/, and `out_dir` itself when the run
   created it (nothing is left that a re-run trips over)."""
   shards = out_dir / records.SHARDS_DIR
-  for tmp in shards.glob("*.tmp"):  # this run's writers have all stopped by now
-    tmp.unlink(missing_ok=True)
+  _remove_temporaries(out_dir)  # this run's writers have all stopped by now
   if any(shards.glob("*.json")):
     return
   (out_dir / SETTINGS_FILE).unlink(missing_ok=True)
   for folder in (shards, out_dir) if created else (shards,):
     with contextlib.suppress(OSError):  # not empty: someone else's files, kept
       folder.rmdir()
+
+
+def _remove_temporaries(out_dir: Path) -> None:
+  """Removes the shards' temporary files: every writer of this run is done, so any left are
+  debris of writers that died (a killed process, a lost Dask worker); a writer of an older,
+  stopped run that still goes on then fails to publish a shard that is finished anyway."""
+  for tmp in (out_dir / records.SHARDS_DIR).glob("*.tmp"):
+    tmp.unlink(missing_ok=True)
 
 
 def _tokenize(paths, units, n_cells: int, out_dir: Path, vocab_dir: str, tokenizer: CellTokenizer,
@@ -161,6 +168,7 @@ def _tokenize(paths, units, n_cells: int, out_dir: Path, vocab_dir: str, tokeniz
           if os.path.exists(name):
             os.remove(name)
     jobs.check_not_empty(per_file, path)
+  _remove_temporaries(out_dir)
   records.write_manifest(out_dir, manifest)
   manifest["summary"]["seconds"] = round(time.time() - t0, 2)
   return manifest
