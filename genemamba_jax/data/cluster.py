@@ -49,13 +49,11 @@ def connect(address: str, timeout: float | None = None):
   (30 s; e.g. DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s): the scheduler must answer
   within it, and a first worker must have joined within it too.
   """
+  check_address(address)
   distributed = _distributed()
   if timeout is None:
     import dask  # pylint: disable=g-import-not-at-top
     timeout = dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
-  if "://" not in address:
-    raise DataError(f"--dask-scheduler {address}: expected an address like tcp://HOST:8786 "
-                    "(what `dask scheduler` prints)")
   try:
     client = distributed.Client(address, timeout=timeout, set_as_default=False)
   except (OSError, TimeoutError, ValueError) as e:  # unreachable, refused, a bad address

@@ -185,6 +185,29 @@ def test_unreachable_scheduler_is_one_line(capsys, tmp_path, kang):
   assert not (tmp_path / "v").exists()
 
 
+@pytest.mark.slow
+def test_scheduler_without_workers_is_one_line(capsys, tmp_path, kang):
+  scheduler_file = tmp_path / "scheduler.json"
+  scheduler = _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                    ":0", "--scheduler-file", str(scheduler_file), cwd=tmp_path)
+  try:
+    deadline = time.time() + 60
+    while not scheduler_file.exists() and time.time() < deadline:
+      time.sleep(0.2)
+    address = json.loads(scheduler_file.read_text())["address"]
+    import dask  # pylint: disable=g-import-not-at-top
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+      status = prepare.main(["medians", "--input", kang, "--out", str(tmp_path / "v"),
+                             "--dask-scheduler", address])
+  finally:
+    _stop([scheduler])
+  assert status == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"error: --dask-scheduler {address}: the scheduler has no worker after 2 s; start some "
+      f"with `dask worker {address}`")
+  assert not (tmp_path / "v").exists()
+
+
 def test_missing_dask_says_how_to_install(capsys, tmp_path, kang, monkeypatch):
   monkeypatch.setitem(sys.modules, "distributed", None)  # what an absent package raises
   status = prepare.main(["tokenize", "--input", kang, "--vocab", str(tmp_path / "v"), "--out",
