@@ -9,6 +9,9 @@
     python -m genemamba_jax.prepare tokenize --input DATA/ --vocab vocab/ --out tokens/ \\
         [--max-len 2048] [--cls] [--eos] [--label-column cell_type] [--workers 4]
 
+`medians` and `tokenize` run their work units in --workers local processes, or on
+a Dask cluster with --dask-scheduler tcp://HOST:8786 (README, "Scaling out").
+
 Inputs are .h5ad files, 10x Cell Ranger outputs (a filtered_feature_bc_matrix/
 folder or .h5 file), SOMA experiments (a folder or URI, e.g. the CELLxGENE Census:
 --measurement RNA --x-layer raw --obs-filter "is_primary_data == True") or
@@ -19,6 +22,7 @@ one-line error on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -44,7 +48,11 @@ def _input_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--log1p", action="store_true",
                  help="use log1p(counts / total * 1e4) before dividing by the median "
                       "(the paper's section-4 reading; the default is Geneformer's, without log1p)")
-  p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+  p.add_argument("--workers", type=int, default=1,
+                 help="local worker processes (default 1; unused with --dask-scheduler)")
+  p.add_argument("--dask-scheduler", default=None, metavar="tcp://HOST:PORT",
+                 help="run the work units on this Dask cluster's workers (pip install -e "
+                      "\".[dask]\"); inputs, vocabulary and --out must be on storage they share")
   p.add_argument("--cells-per-shard", type=int, default=50_000,
                  help="cells per work unit / output shard (default 50,000)")
   p.add_argument("--in-memory", action="store_true",
@@ -52,18 +60,31 @@ def _input_args(p: argparse.ArgumentParser) -> None:
   soma_reader.add_arguments(p)
 
 
+def _absolute(path: str | None) -> str | None:
+  """Paths as the units see them wherever they run (Dask workers have their own cwd)."""
+  return None if path is None else os.path.abspath(path)
+
+
 def _input_config(a: argparse.Namespace) -> jobs.InputConfig:
-  return jobs.InputConfig(a.layer, a.gene_column, a.gene_map, a.in_memory,
+  return jobs.InputConfig(a.layer, a.gene_column, _absolute(a.gene_map), a.in_memory,
                           soma_reader.options(a))
+
+
+def _check_scheduler(a: argparse.Namespace) -> None:
+  if a.dask_scheduler is not None:
+    from genemamba_jax.data import cluster
+    cluster.check_address(a.dask_scheduler)
 
 
 def _medians(a: argparse.Namespace) -> list[str]:
   from genemamba_jax.data import prepare_medians
+  _check_scheduler(a)
   config = prepare_medians.MedianConfig(
       min_genes=a.min_genes, primary_only=not a.keep_non_primary, log1p=a.log1p,
-      gene_table=a.gene_table, biotypes=tuple(b for b in a.biotypes.split(",") if b))
+      gene_table=_absolute(a.gene_table), biotypes=tuple(b for b in a.biotypes.split(",") if b))
   vocab, meds, info = prepare_medians.compute_medians(a.input, a.out, config, _input_config(a),
-                                                      a.workers, a.cells_per_shard)
+                                                      a.workers, a.cells_per_shard,
+                                                      a.dask_scheduler)
   return (jobs.summary_lines(_counter(info["summary"]), info["summary"]["genes_matched"])
           + [f"vocabulary: {len(vocab):,} tokens ({len(meds):,} genes with a median)",
              f"written: {a.out}/vocab.json, medians.json, digests.json"])
@@ -76,17 +97,20 @@ def _counter(summary: dict):
 
 def _tokenize(a: argparse.Namespace) -> list[str]:
   from genemamba_jax.data import prepare_tokens
+  _check_scheduler(a)
   from genemamba_jax.data.tokenizer import TokenizeConfig
   config = TokenizeConfig(max_len=a.max_len, cls=a.cls, eos=a.eos, log1p=a.log1p,
                           min_genes=a.min_genes, primary_only=not a.keep_non_primary)
   columns = prepare_tokens.Columns(a.label_column, a.batch_column)
   manifest = prepare_tokens.tokenize_corpus(a.input, a.vocab, a.out, config, _input_config(a),
-                                            columns, a.workers, a.cells_per_shard)
+                                            columns, a.workers, a.cells_per_shard,
+                                            a.dask_scheduler)
   s = manifest["summary"]
   lengths = f"{s['seconds']:.1f} s, {s['cells_read'] / max(s['seconds'], 1e-9):,.0f} cells/s"
   return (jobs.summary_lines(_counter(s), s["genes_matched"])
           + [f"labels: {len(manifest['labels'])}, batches: {len(manifest['batches'])}",
-             f"written: {len(manifest['shards'])} shard(s) and manifest.json in {a.out} ({lengths})"])
+             f"written: {len(manifest['shards'])} shard(s) and manifest.json in {a.out} "
+             f"({lengths})"])
 
 
 def _import_geneformer(a: argparse.Namespace) -> list[str]:

@@ -51,6 +51,21 @@ def tiledbsoma():
   return module
 
 
+DASK_INSTALL = 'pip install -e ".[test,dask]" (README, "Scaling out")'
+
+
+def require_dask():
+  """dask.distributed for a test that runs a Dask cluster; skips with how to install it when
+  missing (fails on CI, which installs the `dask` extra)."""
+  try:
+    return __import__("distributed")
+  except ImportError:
+    reason = f"this test needs dask.distributed: {DASK_INSTALL}"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
 @pytest.fixture
 def shared_data() -> Path:
   """Path of the shared real-data folder; skips (fails on CI) when missing."""

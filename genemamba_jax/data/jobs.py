@@ -1,10 +1,10 @@
 """Jobs over a corpus of count files: gene medians, and tokenization into shards.
 
 A corpus is split into work units of at most `cells_per_shard` consecutive
-cells of one input file. Units run in this process or in `workers` processes
-(spawned, each opening its files itself); every tokenization unit writes one
-ArrayRecord shard atomically, so a re-run skips finished shards and an
-interrupted run leaves no truncated shard behind.
+cells of one input file. Units run in this process, in `workers` processes
+(spawned, each opening its files itself) or on a Dask cluster (`cluster`);
+every tokenization unit writes one ArrayRecord shard atomically, so a re-run
+skips finished shards and an interrupted run leaves no truncated shard behind.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -98,42 +98,74 @@ def plan(inputs: Sequence[str | os.PathLike], config: InputConfig, cells_per_sha
 
 
 def run_units(fn: Callable, units: Sequence[Unit], args: tuple, workers: int, total_cells: int,
-              desc: str) -> Iterable:
+              desc: str, scheduler: str | None = None, shared: Sequence[str] = (),
+              writable: str | None = None, ordered: bool = False) -> Iterable:
   """Runs `fn(unit, *args)` for every unit, yielding results as they finish.
 
-  Each result is `(cells_done, payload)`; cells_done feeds the progress bar. Consume it
-  under `contextlib.closing` so that an error raised by the consumer closes the bar too
-  (before the error is printed) rather than when the generator is collected.
+  Units run in this process (`workers` <= 1), in `workers` local processes, or as
+  tasks on the Dask cluster at `scheduler` (see `cluster`; `shared` are the paths
+  its workers must see, `writable` a folder they must write to). Each result is
+  `(cells_done, payload)`; cells_done feeds the progress bar and the payloads are
+  yielded, in unit order when `ordered` (so that merging them gives the same bytes
+  however the units were spread). Consume it under `contextlib.closing` so that an
+  error raised by the consumer closes the bar too (before the error is printed)
+  rather than when the generator is collected.
   """
   # Integer cell counts (`progress.bar`), not tqdm's unit_scale, which shows 0 as "0.00".
   bar = progress.bar(total_cells, desc, "cells")
   try:
-    if workers <= 1:
-      for unit in units:
-        done, payload = fn(unit, *args)
-        bar.update(done)
-        yield payload
+    if scheduler is not None:
+      from genemamba_jax.data import cluster  # pylint: disable=g-import-not-at-top
+      results = cluster.run_units(scheduler, fn, units, args, desc, shared, writable)
+    elif workers <= 1:
+      results = ((unit.index, fn(unit, *args)) for unit in units)
     else:
-      ctx = multiprocessing.get_context("spawn")  # HDF5 handles must not cross a fork
-      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
-                                                  initializer=_worker_init,
-                                                  initargs=(os.getpid(),)) as pool:
-        futures = [pool.submit(fn, unit, *args) for unit in units]
-        try:
-          for future in concurrent.futures.as_completed(futures):
-            done, payload = future.result()
-            bar.update(done)
-            yield payload
-        except BaseException:  # an error, Ctrl-C, SIGTERM, or the consumer stopped
-          for f in futures:
-            f.cancel()
-          # A running unit can take minutes and cannot be cancelled; leaving the `with`
-          # would wait for it. Its unfinished shard is a .tmp file the caller removes.
-          for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.terminate()
-          raise
+      results = _local_processes(fn, units, args, workers)
+    with contextlib.closing(results):
+      counted = ((i, _count(bar, result)) for i, result in results)
+      if ordered:
+        yield from in_order(counted, units[0].index if units else 0)
+      else:
+        yield from (payload for _, payload in counted)
   finally:
     bar.close()
+
+
+def in_order(results: Iterable[tuple[int, object]], first: int = 0) -> Iterator[object]:
+  """Yields the payloads of (index, payload) pairs in index order, holding early ones back."""
+  held, next_index = {}, first
+  for i, payload in results:
+    held[i] = payload
+    while next_index in held:
+      yield held.pop(next_index)
+      next_index += 1
+
+
+def _count(bar, result: tuple) -> object:
+  done, payload = result
+  bar.update(done)
+  return payload
+
+
+def _local_processes(fn: Callable, units: Sequence[Unit], args: tuple, workers: int
+                     ) -> Iterable[tuple[int, tuple]]:
+  """(unit.index, fn(unit, *args)) from `workers` spawned processes, as units finish."""
+  ctx = multiprocessing.get_context("spawn")  # HDF5 handles must not cross a fork
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                              initializer=_worker_init,
+                                              initargs=(os.getpid(),)) as pool:
+    futures = {pool.submit(fn, unit, *args): unit.index for unit in units}
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        yield futures[future], future.result()
+    except BaseException:  # an error, Ctrl-C, SIGTERM, or the consumer stopped
+      for f in futures:
+        f.cancel()
+      # A running unit can take minutes and cannot be cancelled; leaving the `with`
+      # would wait for it. Its unfinished shard is a .tmp file the caller removes.
+      for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+      raise
 
 
 def _worker_init(parent: int) -> None:

@@ -3,8 +3,9 @@
 Every input is read in chunks with the same QC as tokenization; the
 normalized non-zero values (`counts / total * 10_000`, or log1p of it) of each
 candidate gene stream into one t-digest per gene. Work units run in parallel
-processes and their digests merge. The vocabulary is every candidate gene seen
-expressed at least once: `<pad>`=0, `<mask>`=1, `<cls>`=2, `<eos>`=3, then
+processes (or on a Dask cluster) and their digests merge in unit order (the
+same bytes however the units were spread). The vocabulary is every candidate
+gene seen expressed at least once: `<pad>`=0, `<mask>`=1, `<cls>`=2, `<eos>`=3, then
 genes sorted by id from 4. Candidates are all gene ids of the inputs (after the
 optional symbol -> Ensembl map), restricted to the biotypes of a gene table
 when one is given (the paper keeps protein-coding and miRNA genes).
@@ -79,14 +80,20 @@ def _digest_unit(unit: jobs.Unit, paths: list[str], config: MedianConfig,
   for chunk in source.chunks(config.chunk_size, unit.start, unit.stop, read):
     cells = qc.normalize_chunk(chunk, source, mapper, qc_config, stats)
     digests.update(genes, cells.values)
-  return unit.stop - unit.start, (unit.source, digests, stats, (mapper.num_matched, len(source.gene_ids)))
+  matched = (mapper.num_matched, len(source.gene_ids))
+  return unit.stop - unit.start, (unit.source, digests, stats, matched)
 
 
 def compute_medians(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                     config: MedianConfig = MedianConfig(),
                     input_config: jobs.InputConfig = jobs.InputConfig(), workers: int = 1,
-                    cells_per_unit: int = 50_000) -> tuple[vocab_lib.Vocab, dict[str, float], dict]:
-  """Digests every input and writes a vocabulary directory; returns (vocab, medians, info)."""
+                    cells_per_unit: int = 50_000, scheduler: str | None = None
+                    ) -> tuple[vocab_lib.Vocab, dict[str, float], dict]:
+  """Digests every input and writes a vocabulary directory; returns (vocab, medians, info).
+
+  Units run here, in `workers` processes or on the Dask cluster at `scheduler`; their
+  digests merge in unit order, so the files written are the same bytes either way.
+  """
   _allowed_genes(config)  # fail early on a bad gene table
   paths, units, sizes = jobs.plan(inputs, input_config, cells_per_unit)
   for path in paths:
@@ -94,8 +101,9 @@ def compute_medians(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
   digests, stats, genes = GeneDigests(), collections.Counter(), {}
   per_file = collections.defaultdict(collections.Counter)
   args = (paths, config, input_config)
+  shared = paths + [p for p in (config.gene_table, input_config.gene_map) if p is not None]
   with contextlib.closing(jobs.run_units(_digest_unit, units, args, workers, sum(sizes),
-                                           "medians")) as results:
+                                         "medians", scheduler, shared, ordered=True)) as results:
     for source, part, part_stats, matched in results:
       digests.merge(part)
       stats.update(part_stats)

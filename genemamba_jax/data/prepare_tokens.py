@@ -63,7 +63,8 @@ def _tokenize_unit(unit: jobs.Unit, paths: list[str], vocab_dir: str, out_dir: s
       labels.update(label if label is not None else ())
       batches.update(batch if batch is not None else ())
     matched = jobs.matched_genes(source, tokenizer.mapper(source))
-    stats = {"unit": unit.index, "source": unit.source, "start": unit.start, "stop": unit.stop, "counts": dict(counts),
+    stats = {"unit": unit.index, "source": unit.source, "start": unit.start, "stop": unit.stop,
+             "counts": dict(counts),
              "labels": sorted(labels), "batches": sorted(batches), "genes_matched": matched}
     writer.finish(stats)
   return unit.stop - unit.start, {**stats, "num_cells": writer.num_cells}
@@ -87,8 +88,11 @@ def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.Pat
                     out_dir: str | os.PathLike, config: TokenizeConfig = TokenizeConfig(),
                     input_config: jobs.InputConfig = jobs.InputConfig(),
                     columns: Columns = Columns(), workers: int = 1,
-                    cells_per_shard: int = 50_000) -> dict:
+                    cells_per_shard: int = 50_000, scheduler: str | None = None) -> dict:
   """Tokenizes every cell of `inputs` into `out_dir`; returns the manifest.
+
+  Units run here, in `workers` processes or on the Dask cluster at `scheduler`, whose
+  workers write the shards into `out_dir` (shared storage); the manifest is written here.
 
   Raises:
     DataError: bad input (the message names the file and what to do).
@@ -108,8 +112,10 @@ def tokenize_corpus(inputs: Sequence[str | os.PathLike], vocab_dir: str | os.Pat
   created = not out_dir.exists()
   _check_settings(out_dir, settings)
   try:
+    shared = paths + [str(f) for f in vocab_files] + (
+        [input_config.gene_map] if input_config.gene_map else [])
     return _tokenize(paths, units, sum(sizes), out_dir, vocab_dir, tokenizer, config,
-                     input_config, columns, workers, t0)
+                     input_config, columns, (workers, scheduler, shared), t0)
   except BaseException:  # failed or interrupted: keep finished shards (a re-run goes on) only
     _remove_unfinished(out_dir, created)
     raise
@@ -121,8 +127,7 @@ def _remove_unfinished(out_dir: Path, created: bool) -> None:
   it finished no shard, its settings file, empty shards/, and `out_dir` itself when the run
   created it (nothing is left that a re-run trips over)."""
   shards = out_dir / records.SHARDS_DIR
-  for tmp in shards.glob("*.tmp"):  # this run's writers have all stopped by now
-    tmp.unlink(missing_ok=True)
+  _remove_temporaries(out_dir)  # this run's writers have all stopped by now
   if any(shards.glob("*.json")):
     return
   (out_dir / SETTINGS_FILE).unlink(missing_ok=True)
@@ -131,15 +136,25 @@ def _remove_unfinished(out_dir: Path, created: bool) -> None:
       folder.rmdir()
 
 
+def _remove_temporaries(out_dir: Path) -> None:
+  """Removes the shards' temporary files: every writer of this run is done, so any left are
+  debris of writers that died (a killed process, a lost Dask worker); a writer of an older,
+  stopped run that still goes on then fails to publish a shard that is finished anyway."""
+  for tmp in (out_dir / records.SHARDS_DIR).glob("*.tmp"):
+    tmp.unlink(missing_ok=True)
+
+
 def _tokenize(paths, units, n_cells: int, out_dir: Path, vocab_dir: str, tokenizer: CellTokenizer,
               config: TokenizeConfig, input_config: jobs.InputConfig, columns: Columns,
-              workers: int, t0: float) -> dict:
+              where: tuple, t0: float) -> dict:
   """The shards (finished ones skipped) and the manifest of `tokenize_corpus`."""
   dtype = jobs.token_dtype(len(tokenizer.vocab))
   shard_stats = [None] * len(units)
-  args = (paths, vocab_dir, str(out_dir), config, input_config, columns, dtype)
+  args = (paths, vocab_dir, str(out_dir.resolve()), config, input_config, columns, dtype)
+  workers, scheduler, shared = where  # local processes, or a Dask cluster sharing these paths
   with contextlib.closing(jobs.run_units(_tokenize_unit, units, args, workers, n_cells,
-                                           "tokenize")) as results:
+                                         "tokenize", scheduler, shared,
+                                         writable=str(out_dir.resolve()))) as results:
     for stats in results:
       shard_stats[stats["unit"]] = stats
   manifest = _manifest(paths, units, shard_stats, tokenizer, config, input_config, columns, dtype)
@@ -153,6 +168,7 @@ def _tokenize(paths, units, n_cells: int, out_dir: Path, vocab_dir: str, tokeniz
           if os.path.exists(name):
             os.remove(name)
     jobs.check_not_empty(per_file, path)
+  _remove_temporaries(out_dir)
   records.write_manifest(out_dir, manifest)
   manifest["summary"]["seconds"] = round(time.time() - t0, 2)
   return manifest

@@ -30,6 +30,7 @@ import functools
 import json
 import os
 import struct
+import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -158,7 +159,9 @@ class ShardWriter:
         w.write(tokens, meta)
       w.finish({"dropped": 0})
 
-  Records go to ``shards/NNNNN.array_record.tmp``. `finish` closes it, writes
+  Records go to ``shards/NNNNN.array_record.<pid>-<hex>.tmp``: a name of this
+  writer's own, since two writers of one shard can overlap (a Dask task still
+  running after its run was stopped, and the re-run's). `finish` closes it, writes
   the sidecar to a temp name, renames the records file into place and then
   the sidecar, so a shard is finished iff its ``.json`` sidecar exists. Leaving
   the context without `finish` (e.g. on an exception) deletes the temp files.
@@ -170,8 +173,9 @@ class ShardWriter:
     self._dtype = _le_dtype(token_dtype)
     self._path = shard_path(out_dir, shard_index)
     self._stats_path = _stats_path(out_dir, shard_index)
-    self._tmp = self._path + ".tmp"
-    self._stats_tmp = self._stats_path + ".tmp"
+    own = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    self._tmp = self._path + own
+    self._stats_tmp = self._stats_path + own
     self.num_cells = 0
     self._finished = False
     os.makedirs(os.path.dirname(self._path), exist_ok=True)
