@@ -11,7 +11,13 @@ if (($# < 4)); then
   exit 2
 fi
 name="$1"; zone="$2"; config="$3"; workdir="$4"; shift 4
-remote="cd ${GENEMAMBA_DIR:-~/genemamba-jax} && python -m genemamba_jax.train"
+dir="${GENEMAMBA_DIR:-~/genemamba-jax}"
+if [[ "$dir" == "~/"* ]]; then  # the remote home: ~ stays for the remote shell to expand
+  remote="cd ~/$(printf '%q' "${dir#\~/}")"
+else
+  remote="cd $(printf '%q' "$dir")"
+fi
+remote+=" && python -m genemamba_jax.train"
 for arg in --config "$config" --workdir "$workdir" --config.mesh.distributed=True "$@"; do
   remote+=" $(printf '%q' "$arg")"
 done

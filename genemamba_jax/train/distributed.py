@@ -10,11 +10,13 @@ Where the settings come from, first match wins:
   JAX          mesh.distributed=True and none of the above: JAX's cluster
                detection (Cloud TPU VMs, Open MPI, Kubernetes)
 
-On CPU the processes' collectives go over gloo (TCP). The coordination service's
-timeouts are bounded (mesh.heartbeat_timeout, mesh.shutdown_timeout): a process that
-dies unannounced is noticed within that time. Usually much sooner: the next
-collective of the others fails at once, and `lost_peer` turns that failure into a
-one-line error and an exit without the shutdown barrier (which would wait for the dead).
+On CPU the processes' collectives go over gloo (TCP). A process that dies is noticed
+by the others at their next collective (it fails at once: `lost_peer` makes it a
+one-line error) or, whatever they are doing, by a watchdog thread within
+mesh.heartbeat_timeout (+ a few seconds): the coordination service stops seeing the
+dead process's heartbeats. Either way the others end with one line, not JAX's fatal
+abort with a C++ stack trace: JAX runs with `jax_enable_recoverability`, so the
+service reports a dead process instead of killing the others itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 import os
 import re
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -142,6 +145,8 @@ def initialize(cfg: Any, environ: Mapping[str, str] | None = None) -> bool:
     return False
   # CPU collectives between processes (a no-op for GPUs and TPUs, which have their own).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_enable_recoverability", True)  # see the module docstring
+  _RUN["timeout_ms"] = 1000 * int(getattr(cfg, "init_timeout", 300))
   try:
     jax.distributed.initialize(
         coordinator_address=s.coordinator_address, num_processes=s.num_processes,
@@ -155,14 +160,69 @@ def initialize(cfg: Any, environ: Mapping[str, str] | None = None) -> bool:
                     f"coordinator {s.coordinator_address}, {s.num_processes} processes, "
                     f"this one {s.process_id}): {first[:300]}; start every process, with the "
                     "same address and count") from None
+  if jax.process_count() > 1:
+    threading.Thread(target=_watch, args=(float(getattr(cfg, "heartbeat_timeout", 60)),),
+                     name="genemamba-peer-watchdog", daemon=True).start()
   return True
 
 
+_RUN = {"timeout_ms": 300_000, "finished": False}
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state.client
+
+
+def _watch(heartbeat_timeout: float) -> None:
+  """Ends this process in one line when the coordination service misses another process."""
+  n = jax.process_count()
+  while not _RUN["finished"]:
+    try:
+      live = _client().get_live_nodes(list(range(n)))
+    except Exception:  # pylint: disable=broad-exception-caught
+      live = {}  # the coordinator (process 0) is gone
+    if _RUN["finished"]:
+      return
+    gone = sorted(set(range(n)) - set(live))
+    if gone:
+      print(f"error: process {jax.process_index()} of {n}: another process stopped or lost its "
+            f"connection (process {', '.join(map(str, gone))} is gone); this one stops too. "
+            "Re-run the same command on every process to resume from the last checkpoint",
+            file=sys.stderr, flush=True)
+      exit_now(2)
+    threading.Event().wait(min(2.0, heartbeat_timeout / 4))
+
+
 def sync(name: str) -> None:
-  """Every process waits here until all have arrived (no-op for one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+  """Every process waits here until all have arrived (no-op for one process).
+
+  A barrier of the coordination service, not a device collective: the wait may
+  be long (process 0 preparing data) without a collective timing out.
+  """
+  if jax.process_count() == 1:
+    return
+  try:
+    _client().wait_at_barrier(name, _RUN["timeout_ms"])
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise lost_peer(e, 0, None) from None
+
+
+def finish() -> None:
+  """The run's end: the watchdog stops and every process waits for the others to get here,
+  so none exits (process 0: with the coordination service) while another still needs it."""
+  if jax.process_count() > 1 and not _RUN["finished"]:
+    _RUN["finished"] = True
+    sync("genemamba end of run")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+  """Whether `error` is a failed collective or coordination call (a dead peer, usually)."""
+  if isinstance(error, jax.errors.JaxRuntimeError):
+    return True
+  # gloo's failures can surface as ValueErrors
+  return isinstance(error, ValueError) and any(
+      k in str(error) for k in ("Gloo", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection closed"))
 
 
 class StopVote:
@@ -202,6 +262,7 @@ def lost_peer(error: BaseException, step: int, last_checkpoint: int | None) -> P
   _LOST["peer"] = True
   first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
   resume = (f"from step {last_checkpoint}" if last_checkpoint else "from the start")
+  _RUN["finished"] = True  # the watchdog's message would be a second line
   return PeerLost(f"process {jax.process_index()} of {jax.process_count()}: another process "
                   f"stopped or lost its connection at step {step} ({first}); this one stops too. "
                   f"Re-run the same command on every process to resume {resume}")

@@ -97,11 +97,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.check(c)
   progress = {"step": 0}
   try:
-    return _train(c, workdir, progress)
-  except jax.errors.JaxRuntimeError as e:
-    if jax.process_count() == 1:
+    result = _train(c, workdir, progress)
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    if jax.process_count() == 1 or not distributed.is_collective_failure(e):
       raise
     raise distributed.lost_peer(e, progress["step"], resume.latest_step(workdir)) from None
+  distributed.finish()
+  return result
 
 
 def _train(c: ml_collections.ConfigDict, workdir: str, progress: dict) -> dict:
@@ -207,8 +209,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, progress: dict) -> dict:
       if agreed:
         last["stopped"] = signal.Signals(agreed).name
         break
-  except jax.errors.JaxRuntimeError:
-    lost = jax.process_count() > 1  # a dead peer: waiting for the checkpoint would hang
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    # a dead peer: waiting for the checkpoint would hang
+    lost = jax.process_count() > 1 and distributed.is_collective_failure(e)
     raise
   finally:
     try:
