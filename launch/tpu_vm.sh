@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pretraining on a Cloud TPU VM slice (e.g. v5e-32: 8 hosts): the same command on every host.
-#   launch/tpu_vm.sh NAME ZONE configs/pretrain.py gs://bucket/runs/pretrain --config.data.path=gs://bucket/tokens
+#   launch/tpu_vm.sh NAME ZONE configs/pretrain.py gs://bucket/runs/pretrain \
+#     --config.data.path=gs://bucket/tokens
 # Every host needs this repository at $GENEMAMBA_DIR (default ~/genemamba-jax) with the package
 # installed (pip install -e '.[tpu]'); JAX finds the other hosts itself (its Cloud TPU cluster
 # detection). The workdir and data must be where every host sees them (a gs:// bucket).

@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -181,7 +182,7 @@ def _watch(heartbeat_timeout: float) -> None:
     try:
       live = _client().get_live_nodes(list(range(n)))
     except Exception:  # pylint: disable=broad-exception-caught
-      live = {}  # the coordinator (process 0) is gone
+      live = set(range(1, n))  # no answer: the coordinator (process 0) is gone
     if _RUN["finished"]:
       return
     gone = sorted(set(range(n)) - set(live))
@@ -209,11 +210,19 @@ def sync(name: str) -> None:
 
 
 def finish() -> None:
-  """The run's end: the watchdog stops and every process waits for the others to get here,
-  so none exits (process 0: with the coordination service) while another still needs it."""
-  if jax.process_count() > 1 and not _RUN["finished"]:
-    _RUN["finished"] = True
-    sync("genemamba end of run")
+  """The run's end: the watchdog stops, every process waits for the others to get here, and
+  process 0 (the coordination service's host) leaves last, once the others disconnected."""
+  if jax.process_count() == 1 or _RUN["finished"]:
+    return
+  _RUN["finished"] = True
+  sync("genemamba end of run")
+  if jax.process_index() != 0:
+    jax.distributed.shutdown()
+    return
+  others = list(range(1, jax.process_count()))
+  deadline = time.monotonic() + _RUN["timeout_ms"] / 1000
+  while time.monotonic() < deadline and set(_client().get_live_nodes(others)) & set(others):
+    time.sleep(0.1)
 
 
 def is_collective_failure(error: BaseException) -> bool:

@@ -1,7 +1,8 @@
 """Embeddings, gene contexts and token predictions on 4 host devices vs 1; run by
 test_inference_devices.py in its own process (the devices must exist before JAX starts):
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/downstream/inference_devices_check.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+    python tests/downstream/inference_devices_check.py
 
 Prints one JSON object: the largest difference of each output, and how many devices the
 rows of a batch were split over.

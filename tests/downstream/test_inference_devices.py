@@ -1,4 +1,4 @@
-"""Inference on every local device (inference.batch_step): 4 host devices give 1 device's results."""
+"""Inference on every local device (inference.batch_step): 4 host devices give 1 device's."""
 
 import json
 import os

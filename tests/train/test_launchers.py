@@ -80,7 +80,8 @@ def _fake(tmp_path: Path, name: str) -> Path:
   """A stand-in for `name` on PATH that records its arguments, one per line."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
-  (bin_dir / name).write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{tmp_path}/{name}.args"\n')
+  (bin_dir / name).write_text(
+      f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{tmp_path}/{name}.args"\n')
   (bin_dir / name).chmod(0o755)
   return bin_dir
 

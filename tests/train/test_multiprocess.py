@@ -28,17 +28,20 @@ LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
 TINY = ["--config.log_every=1", "--config.checkpoint_every=3", "--config.eval_every=9",
         "--config.eval_batches=2", "--config.data.max_len=32", "--config.model.n_layers=1",
         "--config.model.scan_backend=sequential", "--config.mesh.heartbeat_timeout=10",
-        "--config.mesh.shutdown_timeout=10", "--config.mesh.init_timeout=120"]
+        "--config.mesh.shutdown_timeout=10", "--config.mesh.init_timeout=120",
+        "--config.num_steps=1000"]
 pytestmark = pytest.mark.slow
 
 
 class Launch:
   """launch/local_multiprocess.sh N in its own process group, its output collected as it comes."""
 
-  def __init__(self, n: int, workdir: Path, num_steps: int, env: dict):
+  def __init__(self, n: int, workdir: Path, env: dict, steps: int | None = None):
+    # num_steps (so the learning-rate schedule) is the same in every launch; `steps` pauses.
+    more = [f"--config.steps_per_run={steps}"] if steps else []
     self.proc = subprocess.Popen(
-        ["bash", str(LAUNCH), str(n), "configs/demo.py", str(workdir), *TINY,
-         f"--config.num_steps={num_steps}"], cwd=ROOT, env=env, text=True,
+        ["bash", str(LAUNCH), str(n), "configs/demo.py", str(workdir), *TINY, *more],
+        cwd=ROOT, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     self.lines: list[str] = []
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -53,8 +56,8 @@ class Launch:
 
   def of(self, i: int) -> list[str]:
     """Process i's lines, progress bars left out."""
-    return [l[len(f"[{i}] "):] for l in self.lines
-            if l.startswith(f"[{i}] ") and "step/s" not in l and "Gloo" not in l]
+    mine = [l[len(f"[{i}] "):] for l in self.lines if l.startswith(f"[{i}] ")]
+    return [l for l in mine if "step/s" not in l and not l.startswith("[Gloo]")]
 
   def wait(self, timeout: float) -> int:
     try:
@@ -106,7 +109,7 @@ def story(tmp_path_factory):
   out = {"run": run}
 
   # A: killed after step 3's checkpoint is complete.
-  a = Launch(2, run, 1000, env)
+  a = Launch(2, run, env)
   _until(lambda: (ckpts / "3").is_dir() and len(_rows(run)) >= 4, a, 400, "step 3 saved")
   out["a_steps_when_killed"] = max(k for k in _rows(run) if isinstance(k, int))
   os.kill(a.pids()[1], signal.SIGKILL)
@@ -117,7 +120,7 @@ def story(tmp_path_factory):
   out["a_resumable"] = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
 
   # B: 2 processes resume; SIGTERM to process 1 alone after the step-9 evaluation.
-  b = Launch(2, run, 1000, env)
+  b = Launch(2, run, env)
   _until(lambda: ("eval", 9) in _rows(run), b, 400, "the step-9 eval loss")
   os.kill(b.pids()[1], signal.SIGTERM)
   out["b_rc"] = b.wait(120)
@@ -129,9 +132,9 @@ def story(tmp_path_factory):
   out["b_stop"] = final = stopped[0] + 2
 
   # C: one process continues the 2-process checkpoint; D: one process, from scratch.
-  c = Launch(1, run, final, env)
+  c = Launch(1, run, env, steps=2)
   out["c_rc"], out["c_lines"] = c.wait(300), c.of(0)
-  d = Launch(1, ref, final, env)
+  d = Launch(1, ref, env, steps=final)
   out["d_rc"] = d.wait(300)
   out["rows"], out["reference"] = _rows(run), _rows(ref)
   out["leftovers"] = sorted(p.name for p in ckpts.iterdir() if not p.name.isdigit())
@@ -154,7 +157,7 @@ def test_b_resumes_and_both_processes_stop_at_one_step(story):
   first, second = story["b_lines"]
   resumed = max(story["a_resumable"])
   assert f"resumed from step {resumed} in {story['run']}" in first
-  assert story["b_rc"] == 0
+  assert story["b_rc"] == 0, "\n".join(first + second)
   head = lambda lines: [l for l in lines if l.startswith("SIGTERM: saved a checkpoint at step")]
   assert head(first) and head(first) == head(second), (first, second)
   stop = story["b_stop"] - 2
@@ -163,7 +166,7 @@ def test_b_resumes_and_both_processes_stop_at_one_step(story):
 
 
 def test_c_one_process_continues_a_two_process_checkpoint(story):
-  assert story["c_rc"] == 0
+  assert story["c_rc"] == 0, "\n".join(story["c_lines"])
   stop = story["b_stop"] - 2
   assert any(l.startswith(f"resumed from step {stop}") for l in story["c_lines"])
   assert story["leftovers"] == []  # no half-written checkpoint left behind

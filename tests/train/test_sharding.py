@@ -1,4 +1,4 @@
-"""Tests for genemamba_jax.train.sharding: mesh, logical rules, shardings, the real step on 8 devices."""
+"""genemamba_jax.train.sharding: mesh, logical rules, shardings, the real step on 8 devices."""
 
 import json
 import os
