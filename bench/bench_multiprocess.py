@@ -63,9 +63,10 @@ process). {results.machine()}. {a.note}
 | 1 | {rate[1]:.2f} | {runs[1][-1]['loss']:.6f} |
 | 2 | {rate[2]:.2f} | {runs[2][-1]['loss']:.6f} |
 
-Largest loss difference over the logged steps: {diff:.1e} (same global batches; float sums in
-another order). On one CPU host two processes only add the all-reduce over TCP: the point is
-that the multi-host path works, not speed.
+Largest loss difference over the {len(runs[1])} logged steps: {diff:.1e} (the same global
+batches; float sums in another order). On one CPU host two processes only add an all-reduce
+over TCP: the point is that the multi-host path runs and gives one process's training, not
+speed.
 """
   print(text)
   if a.write:
