@@ -125,7 +125,7 @@ def story(tmp_path_factory):
   os.kill(b.pids()[1], signal.SIGTERM)
   out["b_rc"] = b.wait(120)
   out["b_lines"] = [b.of(0), b.of(1)]
-  out["b_data_files"] = {p.parent.name: sorted(f.name for f in p.iterdir())
+  out["b_data_files"] = {p.parent.name: sorted(f.name for f in p.glob("*.json"))
                          for p in ckpts.glob("*/data")}
   stopped = [int(l.split("at step ")[1].split()[0]) for l in b.of(0) if l.startswith("SIGTERM")]
   assert stopped, "\n".join(b.lines[-30:])
