@@ -15,8 +15,9 @@ Multi-host (SLURM, one process per host, all GPUs of the host each):
         --config configs/pretrain.py --workdir /shared/runs/pretrain \\
         --config.data.path=/shared/tokens --config.mesh.distributed=True
 
-(`launch/slurm.sh` wraps this; `jax.distributed.initialize()` picks up SLURM's
-variables.) The batch is global: each process reads batch_size / processes cells.
+(`launch/slurm.sh` wraps this; train/distributed.py reads SLURM's variables; README,
+"Scaling out", also for Cloud TPU VMs.) The batch is global: each process reads
+batch_size / processes cells.
 """
 
 from genemamba_jax.train.config import default_config

@@ -5,6 +5,10 @@ to a power-of-two length bucket (at most a few compiled shapes) and a short last
 batch is filled with empty rows, so every call sees one of a few fixed shapes.
 Results do not depend on the batch size beyond float rounding (the model is
 padding invariant; rows never mix).
+
+Every local device works: the parameters are replicated and each batch's rows
+are split over the devices (`local_mesh`), a batch padded with empty rows to a
+multiple of the device count. Results equal one device's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from genemamba_jax import progress
 from genemamba_jax.model import GeneMamba, cell_embedding
@@ -53,27 +59,53 @@ def padded_batches(sentences: Sequence[np.ndarray], batch_size: int, pad_id: int
     yield start, start + len(rows), tokens, mask
 
 
-def batch_step(fn: Callable, model: GeneMamba) -> Callable:
+def local_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh ("rows",) over `devices` (default: all of this process's)."""
+  return Mesh(np.asarray(list(devices or jax.local_devices())), ("rows",))
+
+
+def batch_step(fn: Callable, model: nnx.Module,
+               devices: Sequence[jax.Device] | None = None) -> Callable:
   """`fn(model, tokens, mask, carry) -> (per-row outputs, carry)`, jitted over the split model.
 
-  Returns `step(tokens [B, L], mask [B, L], carry) -> (outputs, carry)`.
+  Returns `step(tokens [B, L], mask [B, L], carry) -> (outputs [B, ...], carry)`:
+  the model replicated on `devices` (default: every local device), the rows split
+  over them; B is padded with empty rows (mask False) to a multiple of the device
+  count and the outputs cut back to B rows. The carry is replicated.
   """
   graphdef, state = nnx.split(model)
+  mesh = local_mesh(devices)
+  rows, whole = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
+  state = jax.device_put(state, whole)
 
-  @jax.jit
-  def step(state, tokens, mask, carry):
+  @functools.partial(jax.jit, in_shardings=(whole, rows, rows, whole))
+  def run(state, tokens, mask, carry):
     return fn(nnx.merge(graphdef, state), tokens, mask, carry)
 
-  return functools.partial(step, state)
+  def step(tokens, mask, carry):
+    n = tokens.shape[0]
+    extra = -n % mesh.size
+    if extra:
+      tokens = np.concatenate([np.asarray(tokens), np.zeros((extra,) + tokens.shape[1:],
+                                                            np.asarray(tokens).dtype)])
+      mask = np.concatenate([np.asarray(mask), np.zeros((extra,) + mask.shape[1:], bool)])
+    outputs, carry = run(state, tokens, mask, carry)
+    if extra:
+      outputs = jax.tree.map(lambda x: x[:n], outputs)
+    return outputs, carry
+
+  step.mesh = mesh
+  return step
 
 
 def _map_batches(fn: Callable, model: GeneMamba, sentences: Sequence[np.ndarray], batch_size: int,
-                 desc: str | None, carry=None):
+                 desc: str | None, carry=None, devices=None):
   """Runs `batch_step(fn, model)` over all cells.
 
   Returns ([per-batch outputs, padding rows dropped, as numpy], final carry).
   """
-  step = batch_step(fn, model)
+  step = batch_step(fn, model, devices)
+  batch_size = -(-batch_size // step.mesh.size) * step.mesh.size  # no padding rows to split
   outputs = []
   # `with`: an error mid-way closes the bar before the command prints it.
   with progress.bar(len(sentences), desc, "cells") as bar:
@@ -125,7 +157,8 @@ def embedding_fn(poolings: Sequence[str], vocab_size: int, special_ids: Sequence
 def embed_sentences(model: GeneMamba, sentences: Sequence[np.ndarray], *,
                     poolings: Sequence[str] = ("cls",), batch_size: int = 64,
                     gene_context: bool = False, special_ids: Sequence[int] = (),
-                    desc: str | None = "embedding") -> Embeddings:
+                    desc: str | None = "embedding",
+                    devices: Sequence[jax.Device] | None = None) -> Embeddings:
   """Cell embeddings (and optionally context-averaged gene states) of tokenized cells.
 
   Args:
@@ -136,6 +169,7 @@ def embed_sentences(model: GeneMamba, sentences: Sequence[np.ndarray], *,
     gene_context: also sum the final state at every position per token id.
     special_ids: tokens left out of the gene sums (<cls>, <eos>, ...).
     desc: progress bar label; None hides it.
+    devices: where the batches run, split by rows (default: every local device).
   """
   for pooling in poolings:
     if pooling not in POOLINGS:
@@ -145,7 +179,7 @@ def embed_sentences(model: GeneMamba, sentences: Sequence[np.ndarray], *,
   carry = None
   if gene_context:  # float32 per batch, accumulated across batches in float32 on device
     carry = (jnp.zeros((vocab, model.config.d_model), jnp.float32), jnp.zeros((vocab,), jnp.int32))
-  outputs, carry = _map_batches(fn, model, sentences, batch_size, desc, carry)
+  outputs, carry = _map_batches(fn, model, sentences, batch_size, desc, carry, devices)
   empty = np.zeros((0, model.config.d_model), np.float32)
   out = Embeddings({p: np.concatenate([empty] + [o[p] for o in outputs]) for p in poolings})
   if carry is not None:
@@ -155,7 +189,8 @@ def embed_sentences(model: GeneMamba, sentences: Sequence[np.ndarray], *,
 
 
 def predict_tokens(model: GeneMamba, sentences: Sequence[np.ndarray], *, protocol: str,
-                   batch_size: int = 32, desc: str | None = None) -> list[np.ndarray]:
+                   batch_size: int = 32, desc: str | None = None,
+                   devices: Sequence[jax.Device] | None = None) -> list[np.ndarray]:
   """Argmax token per position of each cell, under one reconstruction protocol.
 
   protocol:
@@ -163,7 +198,7 @@ def predict_tokens(model: GeneMamba, sentences: Sequence[np.ndarray], *, protoco
       original's protocol; the state at t has seen token t, so this can copy).
     "next_gene": argmax of the leak-free prediction of position t from
       positions < t and > t (needs a model trained with separate streams).
-  Returns one [len(cell)] int32 array per cell.
+  Returns one [len(cell)] int32 array per cell. `devices`: as for `embed_sentences`.
   """
   if protocol not in ("same_position", "next_gene"):
     raise ValueError(f"protocol {protocol!r}; use 'same_position' or 'next_gene'")
@@ -176,7 +211,7 @@ def predict_tokens(model: GeneMamba, sentences: Sequence[np.ndarray], *, protoco
               else model.encode(tokens, mask))
     return jnp.argmax(model.logits(hidden), axis=-1).astype(jnp.int32), carry
 
-  outputs, _ = _map_batches(fn, model, sentences, batch_size, desc)
+  outputs, _ = _map_batches(fn, model, sentences, batch_size, desc, devices=devices)
   rows = [row for batch in outputs for row in batch]
   return [row[:len(s)] for row, s in zip(rows, sentences)]
 

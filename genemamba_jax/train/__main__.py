@@ -27,12 +27,17 @@ def _run(config, workdir: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   from genemamba_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.train import distributed  # pylint: disable=g-import-not-at-top
   from genemamba_jax.train.loop import TrainingError  # pylint: disable=g-import-not-at-top
   command = cli.ConfigCommand(
       "python -m genemamba_jax.train", __doc__, config_lib.default_config, _run,
       example="configs/demo.py or configs/pretrain.py:layers=48",
-      comment_sources=config_lib.comment_sources(), errors=(TrainingError,))
-  return command.main(argv)
+      comment_sources=config_lib.comment_sources(),
+      errors=(TrainingError, distributed.PeerLost))
+  status = command.main(argv)
+  if distributed.peer_was_lost():  # JAX's exit barrier would wait for the dead process
+    distributed.exit_now(status)
+  return status
 
 
 if __name__ == "__main__":

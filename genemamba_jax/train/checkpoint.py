@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import json
 import logging
 import os
 import re
@@ -119,13 +120,21 @@ class Checkpointer:
       if step is None:
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
     items = {"state": ocp.args.StandardRestore(abstract_train_state)}
+    moved = None
     if data_iterator is not None:
       # Default CheckpointManager layout: <directory>/<step>/<item>.
-      if not (self.directory / str(step) / "data").exists():
+      data = self.directory / str(step) / "data"
+      if not data.exists():
         raise ValueError(f"checkpoint step {step} in {self.directory} holds no data "
                          "iterator state (it was saved with data_iterator=None)")
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+      if (data / mine).exists():
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      else:
+        moved = _common_data_state(data, step)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if moved is not None:
+      data_iterator.set_state(moved)
     return restored["state"]
 
   def wait(self) -> None:
@@ -172,6 +181,22 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _common_data_state(data: epath.Path, step: int) -> dict:
+  """The data position of a checkpoint saved by another number of processes.
+
+  Process i of n reads batches i::n of the same global order, `batch_size / n`
+  rows each, so when all saved the same position (they always do: they step
+  together) it is the global position in batches, which any process count
+  continues from with the same global batches.
+  """
+  states = [json.loads(f.read_text()) for f in sorted(data.glob("process_*-of-*.json"))]
+  if not states or any(s != states[0] for s in states):
+    raise ValueError(f"checkpoint step {step} in {data.parent.parent}: the data iterator states "
+                     f"of the processes that saved it differ or are missing ({len(states)} "
+                     "found); resume it with the number of processes that saved it")
+  return states[0]
 
 
 def _out_of_space(error: BaseException | None) -> int | None:

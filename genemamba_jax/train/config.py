@@ -108,10 +108,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # data parallel
   c.mesh.fsdp = 1  # parameters and optimizer state sharded over this axis
   c.mesh.tensor = 1  # tensor parallel over the inner dimension
+  # Multi-process runs (train/distributed.py); None: from $JAX_COORDINATOR_ADDRESS,
+  # $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, SLURM's variables, or JAX's cluster detection.
   c.mesh.distributed = placeholder(bool)  # multi-process; None: auto-detect a launcher's variables
-  c.mesh.coordinator_address = placeholder(str)  # None: jax's cluster auto-detection
-  c.mesh.num_processes = placeholder(int)  # None: jax's cluster auto-detection
-  c.mesh.process_id = placeholder(int)  # None: jax's cluster auto-detection
+  c.mesh.coordinator_address = placeholder(str)  # host:port of process 0
+  c.mesh.num_processes = placeholder(int)
+  c.mesh.process_id = placeholder(int)
+  c.mesh.init_timeout = 300  # seconds to wait for every process to join
+  c.mesh.heartbeat_timeout = 60  # seconds of silence after which a process counts as dead
+  c.mesh.shutdown_timeout = 60  # seconds the exit barrier waits for the others
 
   c.log_every = 50  # steps between metrics.jsonl rows
   c.eval_every = 1000  # steps between evaluation losses on the held-out cells

@@ -24,8 +24,10 @@ from genemamba_jax import rundir
 from genemamba_jax.data import corpora, genes
 from genemamba_jax.data.pipeline import PipelineConfig, make_dataset
 from genemamba_jax.data.vocab import Vocab
+from genemamba_jax.errors import DataError
 from genemamba_jax.train import checkpoint as checkpoint_lib
 from genemamba_jax.train import coexpression as coexpression_lib
+from genemamba_jax.train import distributed
 from genemamba_jax.train import config as config_lib
 from genemamba_jax.train import metric_writer
 from genemamba_jax.train import objectives, sharding
@@ -47,7 +49,13 @@ def data_path(c: ml_collections.ConfigDict) -> str:
     return c.data.path
   from genemamba_jax.data import demo  # pylint: disable=g-import-not-at-top
   cache = os.environ.get("GENEMAMBA_CACHE", os.path.expanduser("~/.cache/genemamba_jax"))
-  return str(demo.prepare_demo(os.path.join(cache, "demo_data"))["tokens"])
+  prepare = lambda: str(demo.prepare_demo(os.path.join(cache, "demo_data"))["tokens"])
+  if jax.process_index() == 0:  # the others wait, then find it prepared (a shared cache)
+    path = prepare()
+    distributed.sync("genemamba demo data")
+    return path
+  distributed.sync("genemamba demo data")
+  return prepare()
 
 
 def _pipeline(path: str, c, split: str, per_process: int) -> PipelineConfig:
@@ -82,11 +90,26 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   Everything is checked before anything is written: a bad config, missing data
   or a workdir holding a run with other settings leave the workdir as it was.
   The result also says how the run ended: "finished" (it had already reached
-  num_steps), "paused" (steps_per_run) or "stopped" (a signal name).
+  num_steps), "paused" (steps_per_run) or "stopped" (a signal name). Several
+  processes (train/distributed.py) stop together at one step; a collective that
+  fails because another process died raises `distributed.PeerLost`.
   """
-  # --- config, data and model, all checked before anything is written
-  sharding.maybe_initialize_distributed(c.mesh)  # before any other JAX call
+  distributed.initialize(c.mesh)  # before any other JAX call
   config_lib.check(c)
+  progress = {"step": 0}
+  try:
+    result = _train(c, workdir, progress)
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    if jax.process_count() == 1 or not distributed.is_collective_failure(e):
+      raise
+    raise distributed.lost_peer(e, progress["step"], resume.latest_step(workdir)) from None
+  distributed.finish()
+  return result
+
+
+def _train(c: ml_collections.ConfigDict, workdir: str, progress: dict) -> dict:
+  """train_and_evaluate's run; progress["step"] follows the steps done."""
+  # --- config, data and model, all checked before anything is written
   path = data_path(c)
   manifest = corpora.load_manifest(path)
   streams = objectives.model_streams_for(c.objective)
@@ -143,7 +166,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Ctrl-C (SIGINT) and preemption (SIGTERM): finish the step, save a checkpoint, stop.
   # A second Ctrl-C stops at once (the last finished checkpoint stays the one to resume from).
+  # Processes vote every step (distributed.StopVote), so all stop at the same step.
   stop = {"signal": None}
+  vote = distributed.StopVote()
 
   def on_signal(signum, frame):
     if stop["signal"] == signal.SIGINT and signum == signal.SIGINT:
@@ -156,7 +181,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
   writer = metric_writer.MetricsWriter(workdir, c.num_steps, start)
-  pending, last, done = [], {}, start
+  pending, last, done, agreed = [], {}, start, 0
+  lost = False
   try:
     for step in range(start, c.num_steps):
       if c.profile_steps and step == c.profile_steps[0]:
@@ -166,29 +192,35 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
       pending.append((step + 1, metrics))
       if c.profile_steps and step == c.profile_steps[1]:
         jax.profiler.stop_trace()
-      done = step + 1
+      done = progress["step"] = step + 1
+      agreed = vote.vote(stop["signal"] or 0)
       if done % c.log_every == 0 or done == c.num_steps:
         last = _log(pending, writer, params_per_token, peak)
         pending = []
-      elif stop["signal"]:  # the loss for the summary line, but no row: a resumed run then logs
+      elif agreed:  # the loss for the summary line, but no row: a resumed run then logs
         last = _log(pending, None, params_per_token, peak)  # the rows an unstopped one does
       if done % c.eval_every == 0 or done == c.num_steps:
         last["eval_loss"] = evaluate(eval_step, state["params"], path, c, per_process, mesh,
                                      aux_losses)
         writer.write(done, {"eval_loss": last["eval_loss"]})
       pause = c.steps_per_run and done - start >= c.steps_per_run
-      ckpt.save(done, state, train_it, force=done == c.num_steps or bool(stop["signal"]) or pause)
+      ckpt.save(done, state, train_it, force=done == c.num_steps or bool(agreed) or pause)
       if pause:
         last["paused"] = done
         break
-      if stop["signal"]:
-        last["stopped"] = signal.Signals(stop["signal"]).name
+      if agreed:
+        last["stopped"] = signal.Signals(agreed).name
         break
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    # a dead peer: waiting for the checkpoint would hang
+    lost = jax.process_count() > 1 and distributed.is_collective_failure(e)
+    raise
   finally:
     try:
       # Still under the handlers above: a signal during the last (async) save lets it finish.
-      ckpt.wait()
-      ckpt.close()
+      if not lost:
+        ckpt.wait()
+        ckpt.close()
     finally:
       for signum, handler in previous.items():
         signal.signal(signum, handler)
@@ -252,14 +284,19 @@ def evaluate(eval_step, params, path: str, c, per_process: int, mesh, aux_losses
     warnings.warn("data.eval_fraction is 0: no held-out split, no eval loss")
     return float("nan")
   config = _pipeline(path, c, "eval", per_process)
-  config.shuffle, config.num_epochs, config.drop_remainder = False, 1, False
+  # Whole batches only (one compiled shape), and equal shards: every process runs the same
+  # number of eval steps (each one a collective).
+  config.shuffle, config.num_epochs, config.drop_remainder = False, 1, True
   losses = []
   rng = jax.random.key(c.seed + 1)
-  for i, batch in enumerate(make_dataset(path, config)):
+  try:
+    batches = make_dataset(path, config)
+  except DataError:  # fewer held-out cells per process than a batch
+    warnings.warn(f"fewer held-out cells than batch_size={c.batch_size}: no eval loss")
+    return float("nan")
+  for i, batch in enumerate(batches):
     if i == c.eval_batches:
       break
-    if len(batch["tokens"]) != per_process:  # keep one compiled shape
-      continue
     metrics = eval_step(params, sharding.shard_batch(batch, mesh), jax.random.fold_in(rng, i),
                         aux_losses)
     losses.append(float(metrics["loss"]))

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis sharding rules and multi-process start-up.
+"""Device mesh and logical-axis sharding rules (multi-process start-up: train/distributed.py).
 
 The mesh has three axes, outermost first:
 
@@ -17,7 +17,6 @@ propagation (GSPMD) does the rest inside `jax.jit`.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -162,45 +161,3 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
-
-
-def _launched_multiprocess(environ: Mapping[str, str]) -> bool:
-  """Whether the environment is one process of a multi-process launch."""
-  def count(name):
-    try:
-      return int(environ.get(name, "1"))
-    except ValueError:
-      return 1
-  if environ.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  # srun step with several tasks (the variables jax's SlurmCluster reads).
-  if "SLURM_JOB_ID" in environ and "SLURM_STEP_NODELIST" in environ:
-    return count("SLURM_NTASKS") > 1
-  # mpirun (Open MPI); jax's OmpiCluster needs the HNP URI.
-  if "OMPI_MCA_orte_hnp_uri" in environ:
-    return count("OMPI_COMM_WORLD_SIZE") > 1
-  return False
-
-
-def maybe_initialize_distributed(cfg: Any, environ: Mapping[str, str] | None = None) -> bool:
-  """Calls `jax.distributed.initialize` once when this is a multi-process run.
-
-  cfg.distributed: True always initializes, False never, None (default)
-  initializes when the environment shows a multi-process launch
-  (JAX_COORDINATOR_ADDRESS, SLURM with > 1 task, Open MPI with > 1 rank).
-  Cloud TPU pods are not detected: set distributed=True there. Must run before
-  anything touches a JAX device. Returns whether JAX runs distributed.
-  """
-  environ = os.environ if environ is None else environ
-  if jax.distributed.is_initialized():
-    return True
-  wanted = getattr(cfg, "distributed", None)
-  if wanted is None:
-    wanted = _launched_multiprocess(environ)
-  if not wanted:
-    return False
-  jax.distributed.initialize(
-      coordinator_address=getattr(cfg, "coordinator_address", None),
-      num_processes=getattr(cfg, "num_processes", None),
-      process_id=getattr(cfg, "process_id", None))
-  return True

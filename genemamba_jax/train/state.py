@@ -57,14 +57,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
   """(state, batch, extra) -> (state, metrics): one optimizer update (or accumulation step).
 
   Metrics: the loss function's, plus "grad_norm" and, with a schedule, "lr".
-  The step's RNG is split from the state's and folded with the process index,
-  so every process draws differently and a resumed run draws as an
-  uninterrupted one.
+  The step's RNG is split from the state's, so a resumed run draws as an
+  uninterrupted one. It is the same on every process (one SPMD program):
+  draws over the global batch differ by row, whichever process holds the row,
+  so N processes draw what one process does with the same global batch.
   """
 
   def train_step(state: dict, batch: dict, extra=()) -> tuple[dict, dict]:
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-    step_rng = jax.random.fold_in(step_rng, jax.process_index())
     parts = (state["model_state"],) if "model_state" in state else ()
 
     def loss(params):

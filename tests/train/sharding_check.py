@@ -5,6 +5,8 @@ process:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train/sharding_check.py
 
+The step is the training loop's own (`step.pretraining_core`: the TrainCore's jitted,
+sharded step with donated state), its batch placed by `sharding.shard_batch` as in the loop.
 Prints one JSON object: per mesh, the loss and each updated parameter's
 largest difference from the one-device run, and the layout of a few parameters.
 """
@@ -74,7 +76,7 @@ def main() -> None:
                               jax.devices()[:int(np.prod(shape))])
     mesh_core = core(mesh)
     state = jax.device_put(host_state, mesh_core.shardings)
-    global_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    global_batch = sharding.shard_batch(batch, mesh)  # as the training loop places its batches
     runs[name] = (mesh_core.lower(mesh_core.restore_target(), global_batch), state, global_batch)
   # XLA compiles outside the GIL: both cores at once.
   with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -1,4 +1,4 @@
-"""Tests for genemamba_jax.train.sharding: mesh, logical rules, shardings, distributed start-up."""
+"""genemamba_jax.train.sharding: mesh, logical rules, shardings, the real step on 8 devices."""
 
 import json
 import os
@@ -123,30 +123,6 @@ def test_state_shardings_of_a_real_train_state(mixer):
 def test_batch_sharding():
   mesh = sharding.make_mesh(train_config.default_config().mesh)
   assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
-
-
-@pytest.mark.parametrize("environ, want", [
-    ({}, False),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
-    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"}, True),
-    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, False),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, False),  # sbatch script, not inside srun
-    ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "4"}, True),
-])
-def test_maybe_initialize_distributed(monkeypatch, environ, want):
-  calls = []
-  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  cfg = train_config.default_config().mesh
-  assert sharding.maybe_initialize_distributed(cfg, environ) is want
-  assert len(calls) == int(want)
-  if want:
-    assert calls[0] == dict(coordinator_address=None, num_processes=None, process_id=None)
-  cfg.distributed = False  # off, whatever the environment says
-  assert not sharding.maybe_initialize_distributed(cfg, environ)
-  cfg.distributed, cfg.num_processes, cfg.process_id = True, 2, 1
-  assert sharding.maybe_initialize_distributed(cfg, {})
-  assert calls[-1] == dict(coordinator_address=None, num_processes=2, process_id=1)
 
 
 @pytest.fixture(scope="module")
