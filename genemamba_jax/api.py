@@ -95,10 +95,11 @@ class Model:
       layer, gene_column, gene_map: where the counts and gene ids are (as `embed`'s flags);
         gene_map is a table's path or a symbol -> vocabulary id dict.
     """
+    batch_size = _batch_size(batch_size)  # refused before the cells are read
     pooling = pooling or embed_lib.default_pooling(self.run)
     result = embed_lib.embed_source(
         self.run, self._source(adata, "adata", layer, gene_column), poolings=(pooling,),
-        batch_size=_batch_size(batch_size), max_len=max_len,
+        batch_size=batch_size, max_len=max_len,
         gene_map=cell_inputs.as_gene_map(gene_map), progress=genemamba_jax.settings.progress)
     matrix = result.cells[pooling]
     if key_added and _is_anndata(adata):
@@ -114,6 +115,7 @@ class Model:
     --genes-output`'s `input`). With cells: the final hidden state averaged over every
     occurrence of the gene in them, one row per gene seen (its `context`).
     """
+    batch_size = _batch_size(batch_size)
     if adata is None:
       vocab = self.run.vocab
       table = np.asarray(self.run.model.embeddings.embedding[...], np.float32)
@@ -121,7 +123,7 @@ class Model:
                           index=pd.Index(np.asarray(vocab.gene_ids, dtype=str), name="gene_id"))
     result = embed_lib.embed_source(
         self.run, self._source(adata, "adata", layer, gene_column),
-        poolings=(embed_lib.default_pooling(self.run),), batch_size=_batch_size(batch_size),
+        poolings=(embed_lib.default_pooling(self.run),), batch_size=batch_size,
         max_len=max_len, gene_context=True, gene_map=cell_inputs.as_gene_map(gene_map),
         progress=genemamba_jax.settings.progress)
     return pd.DataFrame(result.gene_context,
@@ -141,9 +143,10 @@ class Model:
       raise DataError(f"{self.run.checkpoint.run_dir}: a pretrained run, without a classifier; "
                       "predict needs a fine-tuned run (the --workdir of genemamba_jax.finetune), "
                       "gm.load that; embed and label_transfer work on this one")
+    batch_size = _batch_size(batch_size)
     result = predict_lib.predict_source(
         self.classifier, self._source(adata, "adata", layer, gene_column),
-        batch_size=_batch_size(batch_size), max_len=max_len,
+        batch_size=batch_size, max_len=max_len,
         gene_map=cell_inputs.as_gene_map(gene_map), progress=genemamba_jax.settings.progress)
     if _is_anndata(adata):
       adata.obs[predict_lib.PREDICTION] = pd.Categorical(result.prediction.astype(str))
@@ -159,10 +162,11 @@ class Model:
     """Labels of `reference` cells (obs[label_column]) carried to `query` cells by kNN in this
     run's embedding (`label_transfer`'s numbers): DataFrame indexed by the query's obs names,
     `prediction` and `confidence` (the winner's share of the k votes)."""
+    batch_size = _batch_size(batch_size)
     return label_transfer_lib.label_transfer(
         self.run, reference, label_column, query, k=k, unknown_threshold=unknown_threshold,
         gene_column=gene_column, gene_map=gene_map, layer=layer,
-        batch_size=_batch_size(batch_size), progress=genemamba_jax.settings.progress)
+        batch_size=batch_size, progress=genemamba_jax.settings.progress)
 
   def perturb(self, adata, genes: str | Sequence[str], mode: str = "delete", *,
               target_column: str | None = None, target: str | None = None,
@@ -171,7 +175,8 @@ class Model:
               gene_map: GeneMap = None) -> pd.DataFrame:
     """In silico deletion or overexpression of `genes` in every cell (`perturb`'s numbers):
     one row per (cell, gene), obs_name, gene, mode, shift [, toward_target]."""
+    batch_size = _batch_size(batch_size)
     genes = genes.split(",") if isinstance(genes, str) else list(genes)
     return perturb_lib.perturb(
-        self.run, adata, genes, mode, target_column, target, _batch_size(batch_size), gene_map,
+        self.run, adata, genes, mode, target_column, target, batch_size, gene_map,
         gene_column, layer, progress=genemamba_jax.settings.progress, skip_unknown=skip_unknown)

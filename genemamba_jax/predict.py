@@ -1,4 +1,5 @@
-"""python -m genemamba_jax.predict --checkpoint FINETUNED_RUN --input NEW.h5ad --output OUT.csv|OUT.h5ad
+"""python -m genemamba_jax.predict --checkpoint FINETUNED_RUN --input NEW.h5ad
+    --output OUT.csv|OUT.h5ad
 
 Cell types for new cells from a fine-tuned GeneMamba (the --workdir of
 `genemamba_jax.finetune`): every cell of the input, in input order, is
