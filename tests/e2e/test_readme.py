@@ -51,3 +51,22 @@ def test_every_metrics_jsonl_key_of_a_training_run_is_documented(kang_pretrained
   keys = set().union(*rows)
   assert {"batch_checksum", "accuracy", "steps_per_s", "eval_loss"} <= keys  # a real run's rows
   assert [k for k in sorted(keys) if not _documented(k)] == []
+
+
+@pytest.mark.slow
+def test_walkthrough_runs_as_written(demo_run, tmp_path):
+  # From a folder laid out as the project's: runs/demo (here the tiny demo run), configs/.
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "demo").symlink_to(demo_run, target_is_directory=True)
+  (tmp_path / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+  script = tmp_path / "walkthrough.py"
+  script.write_text(code_block("## Walkthrough"), encoding="utf-8")
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "agree with bulk_labels" in result.stdout and "label transfer:" in result.stdout
+  for name in ("umap", "predicted", "label_transfer", "perturb"):
+    assert f"(docs/walkthrough/{name}.png)" in README
+    assert (ROOT / "docs" / "walkthrough" / f"{name}.png").is_file()  # the committed figure
+    written = tmp_path / "docs" / "walkthrough" / f"{name}.png"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
