@@ -114,8 +114,11 @@ def write_csv(frame: pd.DataFrame, output: str | os.PathLike) -> None:
 
 
 def write_obs_columns(input_path: str | os.PathLike, obs_names: np.ndarray,
-                      columns: Mapping[str, np.ndarray], output: str | os.PathLike) -> None:
+                      columns: Mapping[str, np.ndarray], output: str | os.PathLike,
+                      obsm: Mapping[str, np.ndarray] | None = None) -> None:
   """A copy of the .h5ad `input_path` with `columns` added to obs ([cells] each), atomically.
+
+  `obsm` adds matrices ([cells, d] each) to obsm alike.
 
   `obs_names` are the cells the columns belong to, in order; the input must
   still hold exactly these (it could have been replaced while the model ran).
@@ -126,5 +129,7 @@ def write_obs_columns(input_path: str | os.PathLike, obs_names: np.ndarray,
     raise DataError(f"{input_path}: its cells changed while the model ran; run again")
   for name, values in columns.items():
     adata.obs[name] = values
+  for name, matrix in (obsm or {}).items():
+    adata.obsm[name] = matrix
   with atomic_paths([output]) as (tmp,):
     adata.write_h5ad(tmp)

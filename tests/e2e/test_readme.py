@@ -73,3 +73,22 @@ def test_scaling_out_soma_and_two_corpora_examples_run(tmp_path, tiledbsoma):
                                      tmp_path / "runs/demo_soma_tokens"])
   assert manifest["num_cells"] == 700 + 129  # the demo's cells and its 129 CD14+ monocytes
   assert (tmp_path / "runs/two_corpora/checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_walkthrough_runs_as_written(demo_run, tmp_path):
+  # From a folder laid out as the project's: runs/demo (here the tiny demo run), configs/.
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "demo").symlink_to(demo_run, target_is_directory=True)
+  (tmp_path / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+  script = tmp_path / "walkthrough.py"
+  script.write_text(code_block("## Walkthrough"), encoding="utf-8")
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "agree with bulk_labels" in result.stdout and "label transfer:" in result.stdout
+  for name in ("umap", "predicted", "label_transfer", "perturb"):
+    assert f"(docs/walkthrough/{name}.png)" in README
+    assert (ROOT / "docs" / "walkthrough" / f"{name}.png").is_file()  # the committed figure
+    written = tmp_path / "docs" / "walkthrough" / f"{name}.png"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
