@@ -421,7 +421,7 @@ def finetune_cmd(inputs: dict) -> Command:
 
   return Command(
       "finetune",
-      lambda out: ["genemamba_jax.finetune", "--config", "configs/annotate.py", "--workdir",
+      lambda out: ["genemamba_jax.finetune", "--config", "configs/finetune.py", "--workdir",
                    str(out), f"--config.init_checkpoint={inputs['pretrained']}",
                    f"--config.data.input={inputs['cells']}", "--config.label_column=bulk_labels",
                    "--config.num_steps=8", "--config.batch_size=16", "--config.log_every=2",
