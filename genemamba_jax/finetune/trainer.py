@@ -232,7 +232,8 @@ def train(c: ml_collections.ConfigDict, core: state_lib.TrainCore, backbone_para
         if record:
           log.write(json.dumps(record) + "\n")
           log.flush()
-          bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", refresh=False)
+          if "loss" in record:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
         bar.update(1)
         if record.get("val_macro_f1") is not None or stop["signal"]:
           save(done)

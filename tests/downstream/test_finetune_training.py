@@ -64,6 +64,7 @@ def test_the_default_config_fits_its_training_set(kang_pretrained, kang_small, t
   assert max(lrs.values()) <= c.lr and lrs[400] < c.lr * 1e-3
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_validation_step(kang_pretrained, kang_small, tmp_path):
   c = _config(kang_pretrained, kang_small, num_steps=24, eval_every=2, patience=3,
               val_fraction=0.3, lr=3e-2)
@@ -84,6 +85,7 @@ def test_early_stopping_keeps_the_best_validation_step(kang_pretrained, kang_sma
   assert not (tmp_path / "out" / trainer.TRAIN_STATE).exists()
 
 
+@pytest.mark.slow
 def test_a_backbone_lr_of_zero_leaves_the_backbone_bit_identical(kang_pretrained, kang_small,
                                                                  tmp_path):
   run.finetune(_config(kang_pretrained, kang_small, num_steps=4, backbone_lr_scale=0.0,
