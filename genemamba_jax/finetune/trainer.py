@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from sklearn import metrics as skm
 
-from genemamba_jax import files
+from genemamba_jax import files, inference
 from genemamba_jax import progress as progress_lib
 from genemamba_jax.finetune import config as config_lib
 from genemamba_jax.finetune import predict as predict_lib
@@ -169,8 +169,8 @@ def train(c: ml_collections.ConfigDict, core: state_lib.TrainCore, backbone_para
   train_rows, val_rows = cells.rows("train"), cells.rows("val")
   weights = jnp.asarray(class_weights(cells.labels[train_rows], len(cells.classes),
                                       c.class_weights))
-  length = max(len(s) for s in cells.sentences)
-  length = min(1 << (max(length, 16) - 1).bit_length(), 1 << 30)  # one compiled shape
+  # One padded length for every batch (one compiled shape), inference.py's bucket of the longest.
+  length = inference.bucket_length(max(len(s) for s in cells.sentences), 1 << 30)
   state = core.init()
   params = {**nnx.to_pure_dict(state["params"]), "backbone": backbone_params}
   state = state_lib.place_params(state, params, core.shardings)
@@ -203,13 +203,15 @@ def train(c: ml_collections.ConfigDict, core: state_lib.TrainCore, backbone_para
     ckpt.save(step, {"train": state, "best": best, "progress": progress_arrays}, force=True)
 
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-  done, early = start, False
+  # A run that had stopped early (then was killed writing its outputs) does not train on.
+  early = bool(c.patience) and progress["stale"] >= c.patience
+  done, last = start, start if early else plan.num_steps
   batch_sharding = sharding.batch_sharding(core.mesh)
   try:
     with (open(workdir / "metrics.jsonl", "a", encoding="utf-8") as log,
           progress_lib.bar(plan.num_steps, "fine-tuning", "step", counts=False) as bar):
       bar.update(start)
-      for step in range(start, plan.num_steps):
+      for step in range(start, last):
         rows = plan.batch_rows(train_rows, c.seed, step)
         tokens, mask = _pad([cells.sentences[i] for i in rows], length, cells.pad_id)
         batch = jax.device_put({"tokens": tokens, "mask": mask, "labels": cells.labels[rows]},
@@ -235,7 +237,7 @@ def train(c: ml_collections.ConfigDict, core: state_lib.TrainCore, backbone_para
           if "loss" in record:
             bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
         bar.update(1)
-        if record.get("val_macro_f1") is not None or stop["signal"]:
+        if done % plan.eval_every == 0 or done == plan.num_steps or early or stop["signal"]:
           save(done)
         if stop["signal"] or early:
           break
