@@ -7,7 +7,7 @@ warmup then cosine, batch 32, 10 epochs but at least 400 steps, validation
 macro-F1 every epoch with early stopping (patience 8, the best step kept) and
 class weights when the classes are unbalanced. `original_config()` is the
 original's protocol: <cls> state, the 3-block MLP head, Adam 1e-4, batch 24,
-5 epochs, no class weights, no early stopping.
+5 epochs, no class weights, no early stopping, the last step's weights.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_steps = 0  # > 0: exactly this many steps (overrides epochs and min_steps)
   c.eval_every = 0  # validation macro-F1 every this many steps; 0 = once per epoch
   c.patience = 8  # stop after this many validations without a better one (0 = never)
+  c.keep_best = True  # end with the best validation step's weights (False: the last step's)
   c.log_every = 20
   c.write_h5ad = True  # predictions.h5ad: the input with predictions in obs and obsm['X_genemamba']
   c.lock()
@@ -72,7 +73,7 @@ def original_config() -> ml_collections.ConfigDict:
   c = default_config()
   c.update(pooling="cls", head="mlp", head_layers=3, dropout=0.5, lr=1e-4, backbone_lr_scale=1.0,
            schedule="constant", warmup_fraction=0.0, class_weights="none", batch_size=24,
-           epochs=5, min_steps=0, patience=0)
+           epochs=5, min_steps=0, patience=0, keep_best=False)
   return c
 
 

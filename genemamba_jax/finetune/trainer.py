@@ -245,7 +245,7 @@ def train(c: ml_collections.ConfigDict, core: state_lib.TrainCore, backbone_para
     ckpt.close()
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-  if not len(val_rows):  # nothing to choose by: the last step
+  if not len(val_rows) or not c.keep_best:  # the last step (nothing to choose by, or asked)
     best, progress["best_step"] = _held(state), done
   stopped = signal.Signals(stop["signal"]).name if stop["signal"] else None
   return Result(_eval_model(core, best), int(progress["best_step"]), done, stopped, early)

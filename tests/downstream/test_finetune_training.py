@@ -140,7 +140,7 @@ def test_the_original_preset_is_the_original_protocol():
                                                                              0.5, 0.1)
   assert (c.lr, c.backbone_lr_scale, c.schedule, c.warmup_fraction) == (1e-4, 1.0, "constant",
                                                                         0.0)
-  assert (c.batch_size, c.epochs, c.min_steps, c.patience) == (24, 5, 0, 0)
+  assert (c.batch_size, c.epochs, c.min_steps, c.patience, c.keep_best) == (24, 5, 0, 0, False)
   assert (c.class_weights, c.label_smoothing, c.weight_decay) == ("none", 0.0, 0.0)
   default = cli.load_config_file(os.path.join(ROOT, "configs/finetune.py"))
   assert default.to_dict() == config_lib.default_config().to_dict()
