@@ -1,6 +1,15 @@
 """Downstream results on real cells (Kang PBMCs): annotation, integration, reconstruction, gene pairs.
 
     python bench/bench_downstream.py [--steps 400] [--out bench/_work/downstream]
+    python bench/bench_downstream.py --only annotation [--set KEY=VALUE ...]
+
+`--only annotation`: fine-tunes the demo backbone (`python -m genemamba_jax.train
+--config configs/demo.py`, pretrained here once) with the DEFAULT finetune config
+(configs/finetune.py; `--set` overrides a key) on Kang (`cell_type`) and on
+scanpy's pbmc68k_reduced (exact counts, `bulk_labels`), each beside a logistic
+regression on the same split and the same genes (those of the backbone's
+vocabulary), log-normalized. Writes OUT/annotation.md for bench/RESULTS.md
+("Cell type annotation").
 
 Pretrains two small GeneMambas on Kang (d 64, 2 Mamba-2 layers, top 128 genes):
 one with the leak-free `next_gene` objective, one with the original's
@@ -33,8 +42,9 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genemamba_jax import embed, inference, rundir
-from genemamba_jax.annotation import loop as annotation
-from genemamba_jax.annotation.config import default_config
+from genemamba_jax import cli
+from genemamba_jax.finetune import config as finetune_config
+from genemamba_jax.finetune import run as finetune_run
 from genemamba_jax.data.readers import open_source
 from genemamba_jax.evaluate import gene_pairs, integration, reconstruction
 from tests.kang import pretrain_kang
@@ -60,19 +70,23 @@ def _md(frame: pd.DataFrame, digits: int = 4) -> str:
   return "\n".join(lines)
 
 
-def _finetune(run: Path, out: Path, **changes) -> tuple[dict, float]:
-  c = default_config()
-  c.init_checkpoint, c.data.input, c.label_column = str(run), str(KANG), "cell_type"
-  c.data.max_len, c.pooling, c.lr, c.batch_size, c.epochs = 256, "mean", 1e-3, 32, 4
+def _finetune(run: Path, out: Path, preset: str = "", data: Path = KANG, label: str = "cell_type",
+              max_len: int = 256, sets=(), **changes) -> tuple[dict, float]:
+  c = finetune_config.get(preset)
+  c.init_checkpoint, c.data.input, c.label_column = str(run), str(data), label
+  c.data.max_len = max_len
   for key, value in changes.items():
     c[key] = value
+  for item in sets:
+    key, _, value = item.partition("=")
+    cli.apply_override(c, key, value)
   start = time.time()
-  return annotation.finetune(c, out), time.time() - start
+  return finetune_run.finetune(c, out), time.time() - start
 
 
 def annotation_table(run: Path, out: Path) -> tuple[pd.DataFrame, Path]:
-  linear, linear_s = _finetune(run, out / "linear", head="linear")
-  mlp, mlp_s = _finetune(run, out / "mlp", head="mlp", weight_decay=0.05)
+  linear, linear_s = _finetune(run, out / "linear")
+  mlp, mlp_s = _finetune(run, out / "mlp", preset="original")
   pred = pd.read_csv(out / "linear" / "predictions.csv")
   adata = anndata.read_h5ad(KANG)
   sc.pp.normalize_total(adata, target_sum=1e4)
@@ -82,10 +96,10 @@ def annotation_table(run: Path, out: Path) -> tuple[pd.DataFrame, Path]:
   train, test = pred.split.to_numpy() == "train", pred.split.to_numpy() == "test"
   logreg = LogisticRegression(max_iter=3000).fit(x[train], y[train]).predict(x[test])
   rows = {
-      "GeneMamba fine-tuned, linear head": {
+      "GeneMamba fine-tuned, default config": {
           "accuracy": linear["test"]["accuracy"], "macro_f1": linear["test"]["macro_f1"],
           "val_accuracy": linear["val"]["accuracy"], "seconds": linear_s},
-      "GeneMamba fine-tuned, original MLP head (+ weight decay 0.05)": {
+      "GeneMamba fine-tuned, original protocol (configs/finetune.py:original)": {
           "accuracy": mlp["test"]["accuracy"], "macro_f1": mlp["test"]["macro_f1"],
           "val_accuracy": mlp["val"]["accuracy"], "seconds": mlp_s},
       "logistic regression, log-normalized counts": {
@@ -139,13 +153,82 @@ def gene_pair_table(runs: dict[str, Path]) -> pd.DataFrame:
                                "js"]]
 
 
+def logistic_regression(data: Path, label: str, predictions: Path, genes: set[str]) -> dict:
+  """Accuracy and macro-F1 on the test split of `predictions` (its train split to fit), on the
+  log-normalized counts of the genes in `genes`."""
+  pred = pd.read_csv(predictions)
+  adata = anndata.read_h5ad(data)
+  adata = adata[:, [g in genes for g in adata.var_names]].copy()
+  sc.pp.normalize_total(adata, target_sum=1e4)
+  sc.pp.log1p(adata)
+  x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+  y = adata.obs[label].astype(str).to_numpy()
+  train, test = pred.split.to_numpy() == "train", pred.split.to_numpy() == "test"
+  start = time.time()
+  guess = LogisticRegression(max_iter=3000).fit(x[train], y[train]).predict(x[test])
+  return {"accuracy": skm.accuracy_score(y[test], guess),
+          "macro_f1": skm.f1_score(y[test], guess, average="macro"),
+          "val_macro_f1": float("nan"), "steps": float("nan"), "seconds": time.time() - start,
+          "genes": adata.n_vars}
+
+
+def demo_backbone(out: Path) -> Path:
+  """The demo model (configs/demo.py), pretrained once into OUT/demo."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  run = out / "demo"
+  if not (run / "checkpoints").is_dir() or not rundir.finished_steps(run / "checkpoints"):
+    subprocess.run([sys.executable, "-m", "genemamba_jax.train", "--config", "configs/demo.py",
+                    "--workdir", str(run)], check=True)
+  return run
+
+
+def annotation_bench(out: Path, sets: list[str], only_data: str | None = None) -> str:
+  """The default finetune config vs logistic regression on Kang and pbmc68k (markdown)."""
+  from genemamba_jax.data import demo  # pylint: disable=g-import-not-at-top
+  run = demo_backbone(out)
+  genes = set(rundir.load_pretrained(run).vocab.gene_ids)
+  pbmc = demo.prepare_demo(out / "demo_data", announce=False)["counts"]
+  rows, tag = {}, "-".join(x.replace("=", "_") for x in sets) or "default"
+  for name, data, label in (("Kang", KANG, "cell_type"), ("pbmc68k_reduced", pbmc, "bulk_labels")):
+    if only_data and name != only_data:
+      continue
+    work = out / "annotation" / tag / name
+    if work.exists():
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(work)
+    metrics, seconds = _finetune(run, work, data=data, label=label, max_len=128, sets=sets,
+                                 write_h5ad=False)
+    task = __import__("json").loads((work / "task.json").read_text())
+    rows[(name, "GeneMamba fine-tuned (" + (", ".join(sets) or "default config") + ")")] = {
+        "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
+        "val_macro_f1": metrics["val"]["macro_f1"], "steps": task["num_steps"],
+        "seconds": seconds, "genes": float("nan")}
+    rows[(name, "logistic regression, log-normalized counts")] = logistic_regression(
+        data, label, work / "predictions.csv", genes)
+  frame = pd.DataFrame(rows).T
+  frame.index.names = ["data", "method"]
+  return _md(frame)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--cells", type=int, default=100)
   parser.add_argument("--out", default="bench/_work/downstream")
+  parser.add_argument("--only", choices=["annotation"], help="run one section only")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="--only annotation: a finetune config override (repeatable)")
+  parser.add_argument("--data", choices=["Kang", "pbmc68k_reduced"],
+                      help="--only annotation: this data set only")
   a = parser.parse_args()
   out = Path(a.out)
+  if a.only == "annotation":
+    text = (f"Machine: {platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
+            f"JAX {jax.__version__}\n\n" + annotation_bench(out, a.set, a.data) + "\n")
+    name = "-".join(["annotation", *a.set]).replace("=", "_")
+    (out / f"{name}.md").write_text(text, encoding="utf-8")
+    print(text)
+    return
   runs = {"leak-free (next_gene)": pretrain_kang(DATA, out / "leak_free", a.steps, "next_gene"),
           "faithful (next_gene_faithful)": pretrain_kang(DATA, out / "faithful", a.steps,
                                                          "next_gene_faithful")}

@@ -38,7 +38,7 @@ CHUNK_BATCHES = 8
 
 def _load_classifier(path: str | os.PathLike):
   """The one place that reaches into fine-tuning: a fine-tuned run -> its `Classifier`."""
-  from genemamba_jax.annotation.loop import load_classifier  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.finetune import load_classifier  # pylint: disable=g-import-not-at-top
   return load_classifier(path)
 
 

@@ -126,7 +126,7 @@ def demo_finetuned(tmp_path_factory, demo_run, demo_counts) -> Path:
   workdir = tmp_path_factory.mktemp("demo_finetuned") / "run"
   root = Path(__file__).resolve().parents[1]
   result = subprocess.run(
-      [sys.executable, "-m", "genemamba_jax.finetune", "--config", "configs/annotate.py",
+      [sys.executable, "-m", "genemamba_jax.finetune", "--config", "configs/finetune.py",
        "--workdir", str(workdir), f"--config.init_checkpoint={demo_run}",
        f"--config.data.input={demo_counts}", "--config.label_column=bulk_labels",
        "--config.num_steps=4", "--config.lr=1e-3", "--config.write_h5ad=false"],

@@ -147,8 +147,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `abstract` carrying `shardings` (a restore target)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  import optax  # pylint: disable=g-import-not-at-top
+  # optax.multi_transform's state holds MaskedNode (no array) where a group does not apply;
+  # the shardings tree has a sharding there.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return jax.tree.map(lambda a, s: a if masked(a) else
+                      jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings, is_leaf=masked)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

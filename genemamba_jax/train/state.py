@@ -1,6 +1,6 @@
 """The training core: one way to build a train state in its shardings and to step it.
 
-Pretraining (train/loop.py), fine-tuning (annotation/loop.py), the benchmarks and
+Pretraining (train/loop.py), fine-tuning (finetune/trainer.py), the benchmarks and
 the tests all go through `TrainCore`:
 
     core = TrainCore.create(lambda: GeneMamba(config, rngs=nnx.Rngs(seed)), tx, loss_fn,

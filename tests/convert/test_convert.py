@@ -314,7 +314,7 @@ def _kang_cells_of(loaded, **tokenizer_args):
 
 def test_fine_tuned_classifier_matches_the_original_and_exports_back(tmp_path, tokens, capsys,
                                                                      kang_classes):
-  from genemamba_jax.annotation import loop  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.finetune import predict  # pylint: disable=g-import-not-at-top
   oracle = add_cls_row_(_original(tokens, "concat", seed=5), seed=6)
   original = save_original_checkpoint(oracle, tmp_path / "original", tokens, finetuned_cls=True)
   classifier = randomize_(OriginalClassifier(D, len(kang_classes), D, num_layers=4), seed=7)
@@ -326,7 +326,7 @@ def test_fine_tuned_classifier_matches_the_original_and_exports_back(tmp_path, t
   assert out.startswith("fine-tuned classifier: 2 Mamba-2 layers, d_model 64, vocabulary 25427, "
                         "combine concat, residual layers")
 
-  ours_classifier = loop.load_classifier(tmp_path / "run")
+  ours_classifier = predict.load_classifier(tmp_path / "run")
   model, loaded = ours_classifier.model, ours_classifier.run
   assert loaded.task["classes"] == kang_classes and loaded.task["head_hidden"] == [D] * 3
   assert loaded.vocab.cls_id == 25_426 and loaded.tokenize["cls"]
@@ -401,10 +401,10 @@ def kang_subset(tmp_path_factory):
 @pytest.mark.slow
 def test_converted_pretrained_checkpoint_fine_tunes_and_exports(conversions, tmp_path,
                                                                 kang_classes):
-  from genemamba_jax.annotation import loop  # pylint: disable=g-import-not-at-top
-  from genemamba_jax.annotation.config import default_config  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.finetune import predict, run  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.finetune.config import original_config  # pylint: disable=g-import-not-at-top
   conversion = conversions("mean", False)
-  c = default_config()
+  c = original_config()
   c.init_checkpoint = str(conversion.run)
   c.data.input = str(_require_shared_data() / KANG)
   c.data.gene_column = "ensembl_id"
@@ -412,7 +412,7 @@ def test_converted_pretrained_checkpoint_fine_tunes_and_exports(conversions, tmp
   c.head_layers, c.num_steps, c.batch_size, c.log_every = 2, 3, 16, 1
   c.write_h5ad = False
   workdir = tmp_path / "finetuned"
-  metrics = loop.finetune(c, workdir)  # appends <cls> (the original's [CLS] id) at the mean gene
+  metrics = run.finetune(c, workdir)  # appends <cls> (the original's [CLS] id) at the mean gene
   assert _json(workdir / "metrics.json") == metrics
   assert [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")] == [1, 2, 3]
 
@@ -422,7 +422,7 @@ def test_converted_pretrained_checkpoint_fine_tunes_and_exports(conversions, tmp
   assert _json(out / "config.json")["vocab_size"] == 25_426
   oracle = load_original_checkpoint(out, mode="mean")  # strict, with the [CLS] row
   head = load_classifier(out / "classifier.safetensors", D, len(kang_classes), D, num_layers=3)
-  ours_classifier = loop.load_classifier(workdir)
+  ours_classifier = predict.load_classifier(workdir)
   model, loaded = ours_classifier.model, ours_classifier.run
   cells = _kang_cells_of(loaded)[:4]
   assert all(cell[0] == 25_426 and len(cell) == 48 for cell in cells)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from genemamba_jax.annotation import report
+from genemamba_jax.finetune import report
 
 CLASSES = ["B", "T", "rare"]
 

@@ -16,7 +16,7 @@ After each of the first three: no traceback and nothing half-written (no tempora
 partial output, no checkpoint a re-run would restore). kill -9 leaves temporaries by nature;
 the last run, to completion, must go on from whatever the chain left, remove them, and produce
 what the reference did: identical files (tokens, shards, manifest, metrics, predictions),
-arrays (embeddings) and bit-identical parameters (train, which resumes; finetune restarts).
+arrays (embeddings) and bit-identical parameters (train and finetune, which resume).
 
 The moments are drawn from random.Random(FAULTS_SEED) (default 0); run with another
 FAULTS_SEED to draw others. Tiny models and inputs: about four minutes on 2 CPU cores.
@@ -415,21 +415,29 @@ def finetune_cmd(inputs: dict) -> Command:
     return {**_files(files)(workdir),
             "params": _restore_params(next((workdir / "checkpoints").iterdir()))}
 
-  def writing(workdir: Path) -> bool:  # its hidden workdir has outputs or a checkpoint
-    return any((tmp / "predictions.csv").exists() or (tmp / "checkpoints").exists()
-               for tmp in workdir.parent.glob(f".{workdir.name}.*.tmp"))
+  def writing(workdir: Path) -> bool:  # an output or a train_state checkpoint being written
+    return workdir.is_dir() and (hidden_temp_of(workdir) or any(
+        (workdir / "train_state").glob("*orbax-checkpoint-tmp*")))
+
+  def clean(workdir: Path, ref) -> None:  # no finished outputs; at most a checkpoint to resume
+    del ref
+    assert not (workdir / "metrics.json").exists()
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
   return Command(
       "finetune",
-      lambda out: ["genemamba_jax.finetune", "--config", "configs/annotate.py", "--workdir",
+      lambda out: ["genemamba_jax.finetune", "--config", "configs/finetune.py", "--workdir",
                    str(out), f"--config.init_checkpoint={inputs['pretrained']}",
                    f"--config.data.input={inputs['cells']}", "--config.label_column=bulk_labels",
                    "--config.num_steps=8", "--config.batch_size=16", "--config.log_every=2",
-                   "--config.write_h5ad=false"],
-      busy="fine-tuning", outputs=outputs, clean=absent, writing=writing, random_kills=0,
+                   "--config.eval_every=2", "--config.write_h5ad=false"],
+      busy="fine-tuning", outputs=outputs, clean=clean, writing=writing, random_kills=0,
       signal_window=0.4,
-      # The confusion matrix fails, after metrics.json and predictions.csv are written (how
-      # Orbax splits the checkpoint into files varies; train's full disk hits a save).
+      # Like train: Ctrl-C saves a checkpoint (130), SIGTERM too (exit 0); the rerun resumes.
+      signal_ends=((130, "stderr", "interrupted: SIGINT: saved a checkpoint at step"),
+                   (0, "stdout", "SIGTERM: saved a checkpoint at step")),
+      # The confusion matrix fails, after predictions.csv is written (or a train_state save,
+      # when a checkpoint is the larger file).
       fsize=lambda ref: (ref.out / "confusion_matrix.png").stat().st_size - 1)
 
 
@@ -590,8 +598,8 @@ def test_train(base, env, references):
 
 @pytest.mark.slow
 def test_finetune(base, env, inputs, references):
-  """Restarts from scratch after each fault (its workdir appears complete or not at all); a
-  re-run on the finished workdir is refused in one line."""
+  """Resumes from its train_state checkpoint after each fault (its outputs appear only when
+  finished); a re-run on the finished workdir is refused in one line."""
   cmd = finetune_cmd(inputs)
   workdir = fault_chain(cmd, _reference(references, "finetune"), base, env)
   run = Run(cmd.argv(workdir), env, base / "logs" / "finetune")

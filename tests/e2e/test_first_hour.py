@@ -122,7 +122,7 @@ def test_4_ctrl_c_saves_a_checkpoint_and_each_step_is_logged_once(tmp_path, env)
 def test_5_failed_runs_leave_no_debris(tmp_path, env):
   one_error_line(train(tmp_path / "train", "--config.model.mixer=mamba3", env=env))
   assert not (tmp_path / "train").exists()
-  result = command("genemamba_jax.finetune", "--config", "configs/annotate.py", "--workdir",
+  result = command("genemamba_jax.finetune", "--config", "configs/finetune.py", "--workdir",
                    tmp_path / "finetune", "--config.init_checkpoint=/nonexistent",
                    "--config.data.input=/nonexistent.h5ad", env=env)
   one_error_line(result)
@@ -165,7 +165,7 @@ def test_7_a_wrong_nested_key_gets_the_keys_of_its_section(tmp_path):
 
 def test_8_finetune_missing_input_says_no_such_file(kang_pretrained, tmp_path):
   line = one_error_line(command(
-      "genemamba_jax.finetune", "--config", "configs/annotate.py", "--workdir", tmp_path / "w",
+      "genemamba_jax.finetune", "--config", "configs/finetune.py", "--workdir", tmp_path / "w",
       f"--config.init_checkpoint={kang_pretrained}", "--config.data.input=/missing/cells.h5ad"))
   assert "/missing/cells.h5ad: no such file" in line
 
@@ -178,7 +178,7 @@ def test_9_raw_counts_hint_names_the_finetune_key_and_plain_cell_names(kang_pret
   path = tmp_path / "lognorm.h5ad"
   adata.write_h5ad(path)
   line = one_error_line(command(
-      "genemamba_jax.finetune", "--config", "configs/annotate.py", "--workdir", tmp_path / "w",
+      "genemamba_jax.finetune", "--config", "configs/finetune.py", "--workdir", tmp_path / "w",
       f"--config.init_checkpoint={kang_pretrained}", f"--config.data.input={path}"))
   assert "use --config.data.layer with one that holds raw counts (this file has: counts" in line
   assert "np.str_" not in line and "for cell '" in line
@@ -296,8 +296,9 @@ def test_15_torch_is_not_in_the_test_extra_and_parity_tests_say_how_to_get_it(mo
 
 
 def test_21_load_classifier_gives_the_classifier_back():
-  from genemamba_jax.annotation import loop  # pylint: disable=g-import-not-at-top
-  assert "Classifier" in str(loop.load_classifier.__annotations__["return"])
+  from genemamba_jax.finetune import Classifier, load_classifier, predict  # pylint: disable=all
+  assert load_classifier is predict.load_classifier and Classifier is predict.Classifier
+  assert "Classifier" in str(predict.load_classifier.__annotations__["return"])
   assert {"model", "classes", "run"} <= {f.name for f in
-                                         __import__("dataclasses").fields(loop.Classifier)}
-  assert callable(loop.Classifier.predict)
+                                         __import__("dataclasses").fields(predict.Classifier)}
+  assert callable(predict.Classifier.predict)

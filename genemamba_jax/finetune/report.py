@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from genemamba_jax.annotation.splits import SPLITS
+from genemamba_jax.finetune.splits import SPLITS
 from genemamba_jax.files import atomic_path
 from genemamba_jax import files
 
