@@ -323,3 +323,19 @@ class ConfigCommand:
     comments = key_comments(self.comment_sources)
     print(f"\nconfig keys ({source}); override any with --config.KEY=VALUE:")
     print("\n".join(describe_keys(config, comments)))
+
+
+def add_input_arguments(parser, inputs: str = "the input") -> None:
+  """The options that say how to read cells from `--input` (and `--reference`/`--query`): gene
+  ids, gene map, counts layer and the SOMA options, the same in every command that reads cells."""
+  from genemamba_jax.data import soma_reader  # pylint: disable=g-import-not-at-top (scipy: slow)
+  parser.add_argument("--gene-column", default=None,
+                      help=f"var column with the gene ids in {inputs} (default: the var index)")
+  parser.add_argument("--gene-map", default=None,
+                      help=f"symbol -> vocabulary id table (pkl/TSV), e.g. Geneformer's "
+                           f"gene_name_id_dict.pkl when {inputs} has symbols and the vocabulary "
+                           f"Ensembl ids")
+  parser.add_argument("--layer", "--x-layer", default=None,
+                      help=f"counts from this layer of {inputs}, or 'raw' for .raw.X (default: "
+                           f"X); of a SOMA experiment: its X layer (default raw)")
+  soma_reader.add_arguments(parser)

@@ -231,16 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--unknown-threshold", type=float, default=None,
                       help="label cells whose winning vote share is below this 'unknown' "
                            "(0-1; default: never)")
-  parser.add_argument("--gene-column", default=None,
-                      help="var column with the gene ids, in both inputs (default: the var index)")
-  parser.add_argument("--gene-map", default=None,
-                      help="symbol -> vocabulary id table (pkl/TSV), e.g. Geneformer's "
-                           "gene_name_id_dict.pkl when the inputs have symbols and the vocabulary "
-                           "Ensembl ids")
-  parser.add_argument("--layer", "--x-layer", default=None,
-                      help="counts from this layer, or 'raw' for .raw.X, in both inputs "
-                           "(default: X); of a SOMA experiment: its X layer (default raw)")
-  soma_reader.add_arguments(parser)
+  cli.add_input_arguments(parser, inputs="both inputs")
   parser.add_argument("--batch-size", type=int, default=64,
                       help="cells per forward pass (default 64); results do not depend on it")
   parser.set_defaults(run=_run)

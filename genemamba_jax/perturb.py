@@ -332,16 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: an error)")
   parser.add_argument("--batch-size", type=int, default=64,
                       help="sentences per forward pass (default 64); results do not depend on it")
-  parser.add_argument("--gene-column", default=None,
-                      help="var column with the gene ids (default: the var index)")
-  parser.add_argument("--gene-map", default=None,
-                      help="symbol -> vocabulary id table (pkl/TSV), e.g. Geneformer's "
-                           "gene_name_id_dict.pkl when the input has symbols and the vocabulary "
-                           "Ensembl ids")
-  parser.add_argument("--layer", "--x-layer", default=None,
-                      help="counts from this layer, or 'raw' for .raw.X (default: X); of a SOMA "
-                           "experiment: its X layer (default raw)")
-  soma_reader.add_arguments(parser)
+  cli.add_input_arguments(parser)
   parser.set_defaults(run=_run)
   return parser
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from genemamba_jax import cell_inputs, cli, inference, rundir
+from genemamba_jax.data import soma_reader
 from genemamba_jax import progress as progress_lib
 from genemamba_jax.errors import DataError
 
@@ -129,7 +130,8 @@ def _run(args: argparse.Namespace) -> list[str]:
   cell_inputs.check_output(args.output, (".csv", ".h5ad"), args.input)
   if args.batch_size < 1:
     raise DataError(f"--batch-size {args.batch_size} must be >= 1")
-  source = cell_inputs.as_source(args.input, "--input", args.layer, args.gene_column)
+  source = cell_inputs.as_source(args.input, "--input", args.layer, args.gene_column,
+                                  soma=soma_reader.options(args))
   classifier = load_classifier(args.checkpoint)
   result = predict_source(classifier, source, batch_size=args.batch_size, max_len=args.max_len,
                           gene_map=cell_inputs.as_gene_map(args.gene_map))
@@ -153,14 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cells per forward pass (default 64); results do not depend on it")
   parser.add_argument("--max-len", type=int, default=None,
                       help="tokens per cell (default: the fine-tuning length)")
-  parser.add_argument("--gene-column", default=None,
-                      help="var column with the gene ids (default: the var index)")
-  parser.add_argument("--gene-map", default=None,
-                      help="symbol -> vocabulary id table (pkl/TSV), e.g. Geneformer's "
-                           "gene_name_id_dict.pkl when the input has symbols and the vocabulary "
-                           "Ensembl ids")
-  parser.add_argument("--layer", default=None,
-                      help="counts from this layer, or 'raw' for .raw.X (default: X)")
+  cli.add_input_arguments(parser)
   parser.set_defaults(run=_run)
   return parser
 

@@ -149,14 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=32,
                  help="cells per forward pass (default 32); results do not depend on it")
   p.add_argument("--max-len", type=int, default=None, help="default: the training length")
-  p.add_argument("--gene-column", default=None,
-                 help="var column with the gene ids (default: the var index)")
-  p.add_argument("--gene-map", default=None,
-                 help="symbol -> vocabulary id table (pkl/TSV) when the input has symbols")
-  p.add_argument("--layer", "--x-layer", default=None,
-                 help="counts from this layer, or 'raw' for .raw.X (default: X); of a SOMA "
-                      "experiment: its X layer (default raw)")
-  soma_reader.add_arguments(p)
+  cli.add_input_arguments(p)
   p.set_defaults(run=_reconstruction)
 
   p = sub.add_parser("gene-pairs", help="Gene2Vec pair benchmark on gene embeddings")
