@@ -68,7 +68,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
     parts = (state["model_state"],) if "model_state" in state else ()
 
     def loss(params):
-      model = nnx.merge(graphdef, params, *parts)
+      # Fresh Variables for the model state in this (grad) trace: nnx refuses to update
+      # BatchNorm's running statistics held by Variables of the outer (jit) trace.
+      model = nnx.merge(graphdef, params, *jax.tree.map(jnp.asarray, parts))
       value, metrics = loss_fn(model, batch, step_rng, extra)
       return value, (metrics, nnx.state(model, nnx.Not(nnx.Param)) if parts else None)
 

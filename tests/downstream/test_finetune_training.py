@@ -11,7 +11,9 @@ import time
 import anndata
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pandas as pd
 import pytest
 from flax import nnx
@@ -21,6 +23,9 @@ from genemamba_jax import cli, rundir
 from genemamba_jax.finetune import __main__ as finetune_cli
 from genemamba_jax.finetune import config as config_lib
 from genemamba_jax.finetune import run, trainer
+from genemamba_jax.finetune.head import ClassifierHead
+from genemamba_jax.train import sharding
+from genemamba_jax.train import state as state_lib
 from tests.conftest import SHARED_DATA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -132,6 +137,34 @@ def test_the_loss_weights_each_cell_by_its_class():
   w = np.asarray([3.0, 0.5, 0.5])
   assert float(loss) == pytest.approx(float(np.sum(ce * w) / np.sum(w)), rel=1e-6)
   assert float(metrics["accuracy"]) == pytest.approx(2 / 3)
+
+
+def test_the_mlp_head_trains_on_the_core_and_updates_its_batchnorm_statistics():
+  """The original's head (BatchNorm) through TrainCore's jitted step: its running statistics
+  are the train state's model_state, updated by each step (0.1 x the batch's, from 0 and 1)."""
+  class Probe(nnx.Module):
+    def __init__(self):
+      self.head = ClassifierHead(8, 3, (16,), dropout=0.0, rngs=nnx.Rngs(0))
+
+    def __call__(self, tokens, mask, rng=None):
+      return self.head(tokens.astype(jnp.float32), rng)
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+                            jax.devices()[:1])
+  core = state_lib.TrainCore.create(Probe, optax.adam(1e-3), trainer.classification_loss(3, 0.0),
+                                    mesh, 0)
+  tokens = np.random.default_rng(0).integers(0, 5, (6, 8)).astype(np.int32)
+  batch = {"tokens": tokens, "mask": np.ones((6, 8), bool), "labels": np.arange(6) % 3}
+  state = core.init()
+  first_linear = np.asarray(state["params"]["head"]["blocks"][0]["linear"]["kernel"][...])
+  state, metrics = core.step(state, jax.device_put(batch), jnp.ones(3))
+  assert np.isfinite(float(metrics["loss"]))
+  hidden = tokens.astype(np.float32) @ first_linear  # the bias starts at 0
+  stats = state["model_state"]["head"]["blocks"][0]["norm"]
+  np.testing.assert_allclose(np.asarray(stats["mean"][...]), 0.1 * hidden.mean(0), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(stats["var"][...]), 0.9 + 0.1 * hidden.var(0),
+                             rtol=1e-4)
 
 
 def test_the_original_preset_is_the_original_protocol():
