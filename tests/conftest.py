@@ -1,9 +1,46 @@
 """Shared pytest fixtures."""
 
 import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import filelock
 import pytest
+
+# One persistent JAX compilation cache for the session (the controller makes it; xdist workers
+# and the commands the tests start inherit it through the environment): the tests build the
+# same small models and steps many times, and a cached compile takes a fraction of a fresh one.
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = None
+
+
+def pytest_configure(config):
+  del config
+  global _OWN_CACHE
+  if os.environ.get(_CACHE_ENV):  # set by the user or by the controlling process
+    return
+  _OWN_CACHE = tempfile.mkdtemp(prefix="genemamba-jax-cache-")
+  os.environ[_CACHE_ENV] = _OWN_CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # A size limit turns on the cache's file lock: processes then never read a half-written entry.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+  if "jax" in sys.modules:  # jax reads the environment when it is imported
+    jax = sys.modules["jax"]
+    jax.config.update("jax_compilation_cache_dir", _OWN_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 # The shared real-data folder sits beside the project root (../shared/data).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -66,6 +103,23 @@ def require_dask():
     pytest.skip(reason, allow_module_level=True)
 
 
+def build_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+  """`build(folder)`'s result, built once per test session even under pytest-xdist: the first
+  worker builds into a folder every worker sees (under a lock), the others wait and reuse it.
+  What it builds is read-only to the tests (as a session fixture's result always is)."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: all workers'
+  folder = root / f"shared_{name}"
+  with filelock.FileLock(str(folder) + ".lock"):
+    done = folder / ".built"
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+      folder.mkdir()
+      result = build(folder)
+      done.write_text(str(result.relative_to(folder)))
+  return folder / done.read_text()
+
+
 @pytest.fixture
 def shared_data() -> Path:
   """Path of the shared real-data folder; skips (fails on CI) when missing."""
@@ -76,7 +130,8 @@ def shared_data() -> Path:
 def kang_pretrained(tmp_path_factory) -> Path:
   """Run directory of a small GeneMamba pretrained on the Kang PBMCs (tests/kang.py), once."""
   from tests.kang import pretrain_kang  # pylint: disable=g-import-not-at-top
-  return pretrain_kang(_require_shared_data(), tmp_path_factory.mktemp("kang_pretrain"))
+  data = _require_shared_data()
+  return build_once(tmp_path_factory, "kang_pretrain", lambda folder: pretrain_kang(data, folder))
 
 
 # What `runs/demo` (README, Quickstart) is to the tests: configs/demo.py, made tiny (4 steps,
@@ -91,18 +146,21 @@ def demo_run(tmp_path_factory) -> Path:
   """Run directory of a tiny configs/demo.py run (its data cached in a temporary folder), once."""
   from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
   from genemamba_jax.train import loop  # pylint: disable=g-import-not-at-top
-  base = tmp_path_factory.mktemp("demo_run")
-  c = demo_config.get_config()
-  for key, value in TINY_DEMO.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("GENEMAMBA_CACHE", str(base / "cache"))
-    loop.train_and_evaluate(c, str(base / "run"))
-  return base / "run"
+
+  def build(base: Path) -> Path:
+    c = demo_config.get_config()
+    for key, value in TINY_DEMO.items():
+      *parents, leaf = key.split(".")
+      node = c
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setenv("GENEMAMBA_CACHE", str(base / "cache"))
+      loop.train_and_evaluate(c, str(base / "run"))
+    return base / "run"
+
+  return build_once(tmp_path_factory, "demo_run", build)
 
 
 @pytest.fixture(scope="session")
@@ -111,11 +169,14 @@ def demo_counts(tmp_path_factory) -> Path:
   shuffled order (so input order is not the bundled file's)."""
   from genemamba_jax.data import demo  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  adata = demo.pbmc68k_counts()
-  order = np.random.default_rng(0).permutation(adata.n_obs)[:300]
-  path = tmp_path_factory.mktemp("demo_counts") / "pbmc68k_300.h5ad"
-  adata[order].copy().write_h5ad(path)
-  return path
+
+  def build(folder: Path) -> Path:
+    adata = demo.pbmc68k_counts()
+    order = np.random.default_rng(0).permutation(adata.n_obs)[:300]
+    adata[order].copy().write_h5ad(folder / "pbmc68k_300.h5ad")
+    return folder / "pbmc68k_300.h5ad"
+
+  return build_once(tmp_path_factory, "demo_counts", build)
 
 
 @pytest.fixture(scope="session")
@@ -123,13 +184,16 @@ def demo_finetuned(tmp_path_factory, demo_run, demo_counts) -> Path:
   """A fine-tuned run (the finetune command, 4 steps on `demo_counts`' bulk_labels), once."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp("demo_finetuned") / "run"
   root = Path(__file__).resolve().parents[1]
-  result = subprocess.run(
-      [sys.executable, "-m", "genemamba_jax.finetune", "--config", "configs/finetune.py",
-       "--workdir", str(workdir), f"--config.init_checkpoint={demo_run}",
-       f"--config.data.input={demo_counts}", "--config.label_column=bulk_labels",
-       "--config.num_steps=4", "--config.lr=1e-3", "--config.write_h5ad=false"],
-      cwd=root, capture_output=True, text=True, timeout=900, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+
+  def build(base: Path) -> Path:
+    result = subprocess.run(
+        [sys.executable, "-m", "genemamba_jax.finetune", "--config", "configs/finetune.py",
+         "--workdir", str(base / "run"), f"--config.init_checkpoint={demo_run}",
+         f"--config.data.input={demo_counts}", "--config.label_column=bulk_labels",
+         "--config.num_steps=4", "--config.lr=1e-3", "--config.write_h5ad=false"],
+        cwd=root, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base / "run"
+
+  return build_once(tmp_path_factory, "demo_finetuned", build)

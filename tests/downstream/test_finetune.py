@@ -163,16 +163,16 @@ def test_cls_never_seen_in_pretraining_starts_at_the_mean_gene_embedding(
   import shutil
 
   from genemamba_jax import rundir
-  run = tmp_path / "run_without_cls"
-  shutil.copytree(kang_pretrained, run)
-  info = json.loads((run / "vocab" / "vocab_info.json").read_text())
+  without_cls = tmp_path / "run_without_cls"
+  shutil.copytree(kang_pretrained, without_cls)
+  info = json.loads((without_cls / "vocab" / "vocab_info.json").read_text())
   info["tokenize"]["cls"] = False  # as if pretrained on sentences without <cls>
-  (run / "vocab" / "vocab_info.json").write_text(json.dumps(info))
-  base = rundir.load_pretrained(run)
+  (without_cls / "vocab" / "vocab_info.json").write_text(json.dumps(info))
+  base = rundir.load_pretrained(without_cls)
   table = np.asarray(base.model.embeddings.embedding[...])
   genes = base.vocab.gene_token_ids(base.vocab.gene_ids)
   # One step at a negligible learning rate: the saved <cls> row is the initial one.
-  run.finetune(_config(run, kang_with_partition, num_steps=1, lr=1e-12,
+  run.finetune(_config(without_cls, kang_with_partition, num_steps=1, lr=1e-12,
                         split_column="partition"), tmp_path / "out")
   tuned = rundir.load_pretrained(tmp_path / "out")
   cls_row = np.asarray(tuned.model.embeddings.embedding[...])[base.vocab.cls_id]

@@ -55,7 +55,7 @@ def test_h5ad_output_is_the_input_with_obs_and_obsm(predicted_csv, demo_finetune
   assert list(labelled.obs[predict.PREDICTION]) == list(frame["prediction"])
   np.testing.assert_allclose(labelled.obs[predict.CONFIDENCE], frame["confidence"], atol=1e-5)
   # obsm holds the fine-tuned run's cell embeddings: what `embed` gives for that run.
-  embedded = embed.embed_file(demo_finetuned, demo_counts, progress=False).cells["cls"]
+  (embedded,) = embed.embed_file(demo_finetuned, demo_counts, progress=False).cells.values()
   assert labelled.obsm[predict.OBSM_KEY].shape == embedded.shape
   np.testing.assert_allclose(labelled.obsm[predict.OBSM_KEY], embedded, atol=1e-5)
 
