@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import results  # noqa: E402  (bench/results.py, beside this script)
-from genemamba_jax import bench
+import train_step  # noqa: E402  (bench/train_step.py, beside this script)
 from genemamba_jax.model import count_params
 from genemamba_jax.train import metric_writer
 
@@ -47,9 +47,9 @@ def _peak_bandwidth() -> float | None:
 def paper_rows(batch: int, steps: int) -> list[dict]:
   rows = []
   for mixer, backend in (("mamba2", "auto"), ("mamba1", "pallas"), ("mamba1", "chunked")):
-    r = bench.time_train_step(mixer=mixer, d_model=512, layers=24, seq_len=2048, batch=batch,
-                              vocab=25_426, steps=steps, backend=backend, dtype="bfloat16",
-                              remat=True)
+    r = train_step.time_train_step(mixer=mixer, d_model=512, layers=24, seq_len=2048,
+                                   batch=batch, vocab=25_426, steps=steps, backend=backend,
+                                   dtype="bfloat16", remat=True)
     params = count_params(r["config"])
     peak = metric_writer.peak_flops_per_device()
     s_per_sample = 2048 / r["tokens_per_s"]

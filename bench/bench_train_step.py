@@ -1,6 +1,6 @@
 """Full train step on CPU: ours vs PyTorch peers, side by side in one run.
 
-Our step is `genemamba_jax.bench.time_train_step` (the training loop's real
+Our step is `bench/train_step.py`'s `time_train_step` (the training loop's real
 step: default leak-free next_gene objective, AdamW); the peers are
 `bench/torch_peers.py` (transformers' Mamba2Mixer, mambapy's MambaBlock with
 its parallel scan) in the same layout. Sizes: d_model 128, 4 BiMamba layers,
@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results
 import torch_peers
-
-from genemamba_jax import bench
+import train_step
 
 HEADING = "## Train step vs PyTorch peers (CPU)"
 SIZES = {"d_model": 128, "layers": 4, "seq_len": 512, "batch": 8, "vocab": 2000}
@@ -54,7 +53,7 @@ def log(text: str) -> None:
 
 def ours(mixer: str, steps: int, **overrides) -> dict:
   kwargs = dict(SIZES, mixer=mixer, d_state=D_STATE[mixer], steps=steps, **overrides)
-  result = bench.time_train_step(**kwargs)
+  result = train_step.time_train_step(**kwargs)
   log(f"ours {mixer} {overrides or ''}: {result['tokens_per_s']:,.0f} tokens/s "
       f"(median step {result['step_ms_median']:.0f} ms, compile {result['compile_s']:.1f} s)")
   return result
@@ -94,8 +93,8 @@ def run(steps: int, peer_steps: int, backends: bool, compile_layers: list[int]) 
       out["load"].append(os.getloadavg()[0])
   for mixer in ("mamba2", "mamba1"):
     sizes = {k: v for k, v in SIZES.items() if k != "layers"}
-    out["compile"][mixer] = bench.compile_seconds(compile_layers, mixer=mixer,
-                                                  d_state=D_STATE[mixer], **sizes)
+    out["compile"][mixer] = train_step.compile_seconds(compile_layers, mixer=mixer,
+                                                       d_state=D_STATE[mixer], **sizes)
     log(f"compile {mixer}: " + ", ".join(f"{n} layers {s:.1f} s"
                                           for n, s in out["compile"][mixer].items()))
   out["load"].append(os.getloadavg()[0])
@@ -112,7 +111,7 @@ def section(out: dict, seconds: float, steps: int, peer_steps: int) -> str:
       "`python bench/bench_train_step.py --write`: one full training step (forward, loss, "
       "backward, global-norm clipping, AdamW update) at d_model 128, 4 BiMamba layers, L 512, "
       "batch 8 (4,096 tokens a step), vocab 2,000, float32, random tokens without padding. "
-      "Ours: `python -m genemamba_jax.bench train-step` (the training loop's `make_train_step`, "
+      "Ours: `python bench/train_step.py train-step` (the training loop's `make_train_step`, "
       "default objective next_gene on the separate-streams model; default scan backend `auto`, "
       "which on CPU is the numba kernels for Mamba-1 and the chunked SSD for Mamba-2, chunk "
       "64, "
@@ -161,8 +160,8 @@ def section(out: dict, seconds: float, steps: int, peer_steps: int) -> str:
                        + "; ".join(fastest) + ".")]
   if out["compile"]:
     depths = sorted({n for times in out["compile"].values() for n in times})
-    lines += ["", wrap("Lower + compile seconds of the train step by depth (`python -m "
-                       "genemamba_jax.bench compile-time --layers N ...`, other "
+    lines += ["", wrap("Lower + compile seconds of the train step by depth (`python "
+                       "bench/train_step.py compile-time --layers N ...`, other "
                        "sizes as above; by default layers run under `nnx.scan`):"), "",
               "| mixer | " + " | ".join(f"{n} layers" for n in depths) + " |",
               "|---|" + "---|" * len(depths)]

@@ -6,7 +6,7 @@ loop) at the paper's width and length is saved in the original's format and
 converted with `genemamba_jax.convert`. Both sides embed the same real cells
 (the longest cells of 10x PBMC 10k, tokenized by our pipeline with the
 converted run's vocabulary and medians, 2,048 tokens, padded and masked where
-shorter): ours is `embed`'s jitted forward (`genemamba_jax.bench.time_embed`),
+shorter): ours is `embed`'s jitted forward (`time_embed` of bench/train_step.py),
 theirs the original's embeddings -> layers -> norm_f in PyTorch eager under
 no_grad, at SSD chunk 64 and 256 (the faster counts). The original's forward
 also computes the [B, L, V] logits, which embedding does not need: they are
@@ -82,11 +82,12 @@ def prepare(work: Path, d_model: int, layers: int, seq_len: int, batch: int) -> 
 
 
 def run_ours(work: Path, steps: int) -> dict:
-  from genemamba_jax import bench, rundir  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top  (bench/train_step.py)
+  from genemamba_jax import rundir  # pylint: disable=g-import-not-at-top
   cells = np.load(work / "cells.npz")
   model = rundir.load_pretrained(work / "run").model
   before = _memory_mib("VmRSS")
-  result = bench.time_embed(model, cells["tokens"], cells["mask"], steps=steps, warmup=1)
+  result = train_step.time_embed(model, cells["tokens"], cells["mask"], steps=steps, warmup=1)
   np.save(work / "ours.npy", result.pop("embedding"))
   return dict(result, rss_mib=_memory_mib("VmHWM"), rss_before_mib=before)
 

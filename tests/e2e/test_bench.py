@@ -1,6 +1,11 @@
-"""The train-step benchmark CLI (`python -m genemamba_jax.bench`) and the PyTorch peers."""
+"""The train-step benchmark CLI (`python bench/train_step.py`) and the PyTorch peers.
+
+The benchmark script is run as a subprocess, never imported: it is a user's command, not part of
+the package.
+"""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -8,28 +13,38 @@ from pathlib import Path
 
 import pytest
 
-from genemamba_jax import bench
 from genemamba_jax.model import GeneMambaConfig
+from genemamba_jax.model import config as model_config
+from genemamba_jax.train import objectives
 from tests.conftest import require_parity
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--d-model", "32", "--seq-len", "64", "--batch", "2", "--vocab", "100"]
+SUBCOMMANDS = ("train-step", "compile-time", "embed-step")
 
 
+def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """`python bench/train_step.py *args` from the repository root; wide help, no wrapping."""
+  return subprocess.run([sys.executable, "bench/train_step.py", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, check=False,
+                        env=dict(os.environ, COLUMNS="1000"))
+
+
+@pytest.mark.slow  # a JAX process compiling a train step: ~20 s on CPU
 def test_train_step_cli_ends_with_tokens_per_s():
-  proc = subprocess.run(
-      [sys.executable, "-m", "genemamba_jax.bench", "train-step", *TINY, "--layers", "1",
-       "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  proc = bench("train-step", *TINY, "--layers", "1", "--steps", "2")
   assert proc.returncode == 0, proc.stderr
   last = proc.stdout.strip().splitlines()[-1]
   match = re.fullmatch(r"tokens_per_s=(\d+(?:\.\d+)?)", last)
   assert match and float(match.group(1)) > 0, proc.stdout
 
 
+@pytest.mark.slow  # a JAX process compiling the train step at 2 depths: ~25 s on CPU
 @pytest.mark.parametrize("remat", [[], ["--no-remat"]])
-def test_compile_time_prints_a_line_per_depth(remat, capsys):
-  bench.main(["compile-time", *TINY, "--mixer", "mamba1", "--layers", "1", "2", *remat])
-  out = capsys.readouterr().out
+def test_compile_time_prints_a_line_per_depth(remat):
+  proc = bench("compile-time", *TINY, "--mixer", "mamba1", "--layers", "1", "2", *remat)
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
   # The header line shows the configuration timed, remat included.
   remat = "remat=False" if remat else f"remat={GeneMambaConfig.remat}"
   assert remat in out.splitlines()[0], out
@@ -48,12 +63,57 @@ def test_compile_time_prints_a_line_per_depth(remat, capsys):
     ["train-step", "--vocab", "4"],
     ["train-step", "--d-model", "16"],  # mamba2: d_inner 32 is not a multiple of headdim 64
     ["compile-time", "--layers"],
+    ["embed-step", "--warmup", "-1"],
 ])
-def test_bad_arguments_are_argparse_errors(args, capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    bench.main(args)
-  assert exit_info.value.code == 2
-  assert "error:" in capsys.readouterr().err
+def test_bad_arguments_are_argparse_errors(args):
+  proc = bench(*args, timeout=120)
+  assert proc.returncode == 2, (proc.stdout, proc.stderr)
+  assert "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _options(help_text: str) -> dict[str, str]:
+  """{first long option string: its help text} of argparse's `--help` output at COLUMNS=1000,
+  --help itself left out: the help follows the invocation after two spaces or, for a long
+  invocation, is the next, deeper-indented line."""
+  lines = help_text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("options:"))
+  out = {}
+  for i, line in enumerate(lines[start + 1:], start + 1):
+    if not line.startswith("  -"):
+      continue
+    invocation, _, text = line.strip().partition("  ")
+    following = lines[i + 1] if i + 1 < len(lines) else ""
+    if not text and following.startswith(" " * 4) and not following.lstrip().startswith("-"):
+      text = following
+    flag = next(word.rstrip(",") for word in invocation.split() if word.startswith("--"))
+    if flag != "--help":
+      out[flag] = text.strip()
+  return out
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMANDS)
+def test_every_option_has_help_and_the_package_values(subcommand):
+  proc = bench(subcommand, "--help", timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  options = _options(proc.stdout)
+  assert {"--layers", "--d-model", "--seq-len", "--batch", "--vocab", "--backend",
+          "--dtype"} <= set(options), options
+  assert [flag for flag, text in options.items() if not text] == [], proc.stdout
+  # The script copies the package's value lists and model defaults (importing them would start
+  # JAX for --help): they must be the package's.
+  lists = {"--mixer": model_config.MIXERS, "--backend": model_config.SCAN_BACKENDS,
+           "--dtype": model_config.DTYPES, "--remat-policy": model_config.REMAT_POLICIES,
+           "--objective": objectives.OBJECTIVES, "--combine": model_config.COMBINES}
+  for flag in set(lists) & set(options):
+    choices = re.search(re.escape(flag) + r" \{([^}]*)\}", proc.stdout)
+    assert choices and tuple(choices.group(1).split(",")) == lists[flag], flag
+  if subcommand != "embed-step":
+    for flag, value in [("--backend", repr(GeneMambaConfig.scan_backend)),
+                        ("--remat", str(GeneMambaConfig.remat)),
+                        ("--remat-policy", repr(GeneMambaConfig.remat_policy))]:
+      assert value in options[flag], (flag, options[flag])
+  else:
+    assert "--combine" in options
 
 
 def _torch_peers():
