@@ -19,9 +19,7 @@ original GeneMamba's layout (what `convert from-pytorch` gives: mixed streams,
 Mamba-2 with d_state 64, the residual inside the combination), random weights
 and full rows, after compilation; its last line is `cells_per_s=<number>`.
 
-Other scripts in bench/ import it as `train_step` (bench/ on sys.path). JAX, Flax and
-the package are imported inside the functions, so `--help` and argument errors
-answer at once instead of after JAX's start-up.
+Other scripts in bench/ import it as `train_step` (bench/ on sys.path).
 """
 
 from __future__ import annotations
@@ -33,29 +31,23 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+# pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-if TYPE_CHECKING:
-  import numpy as np
-
-  from genemamba_jax.model import GeneMamba, GeneMambaConfig
+from genemamba_jax.train import config as train_config
+from genemamba_jax.model import GeneMamba, GeneMambaConfig
+from genemamba_jax.model.config import COMBINES, DTYPES, MIXERS, REMAT_POLICIES, SCAN_BACKENDS
+from genemamba_jax.train import objectives
+from genemamba_jax.train import sharding
+from genemamba_jax.train import step as step_lib
 
 # Ids 0..3 are <pad>, <mask>, <cls>, <eos> in our vocabularies: random genes start after them.
 FIRST_GENE_ID = 4
-# The package's value lists (genemamba_jax.model.config, train.objectives) and model defaults,
-# copied because importing them starts JAX; tests/e2e/test_bench.py checks them against the
-# package through `--help`.
-MIXERS = ("mamba1", "mamba2")
-COMBINES = ("mean", "sum", "concat", "gate")
-SCAN_BACKENDS = ("sequential", "associative", "chunked", "pallas", "numba", "auto")
-DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("in_proj_and_scan_saveable", "nothing_saveable", "dots_saveable",
-                  "dots_with_no_batch_dims_saveable", "everything_saveable")
-OBJECTIVES = ("next_gene", "next_gene_faithful", "mlm")
-MODEL_DEFAULTS = {"scan_backend": "auto", "remat": True,
-                  "remat_policy": "in_proj_and_scan_saveable"}
 
 
 def model_config(mixer: str = "mamba2", d_model: int = 128, layers: int = 4, vocab: int = 2000,
@@ -70,8 +62,6 @@ def model_config(mixer: str = "mamba2", d_model: int = 128, layers: int = 4, voc
   default scan backend, i.e. what training uses unless configured otherwise; likewise
   `remat=None` and `remat_policy=None` keep the model's defaults.
   """
-  from genemamba_jax.model import GeneMambaConfig  # pylint: disable=g-import-not-at-top
-  from genemamba_jax.train import objectives  # pylint: disable=g-import-not-at-top
   config = GeneMambaConfig(
       vocab_size=vocab, d_model=d_model, n_layers=layers, mixer=mixer, d_state=d_state,
       combine="mean", streams=objectives.model_streams_for(objective),
@@ -82,8 +72,6 @@ def model_config(mixer: str = "mamba2", d_model: int = 128, layers: int = 4, voc
 
 def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
   """{"tokens": [batch, seq_len] int32 gene ids, "mask": all True}: full rows, no padding."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   tokens = rng.integers(FIRST_GENE_ID, vocab, size=(batch, seq_len), dtype=np.int32)
   return {"tokens": jnp.asarray(tokens), "mask": jnp.ones((batch, seq_len), bool)}
@@ -93,10 +81,6 @@ def train_core(config: GeneMambaConfig, objective: str = "next_gene", num_steps:
                seed: int = 0):
   """The training loop's core for `config` on one device: its state builder and jitted step
   (default AdamW, the objective's loss); nothing is allocated until `.init()`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from genemamba_jax.train import config as train_config  # pylint: disable=g-import-not-at-top
-  from genemamba_jax.train import objectives, sharding  # pylint: disable=g-import-not-at-top
-  from genemamba_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():  # next_gene_faithful's LeakWarning: known, not news here
     warnings.simplefilter("ignore", objectives.LeakWarning)
     objective_config = objectives.ObjectiveConfig(name=objective)
@@ -106,8 +90,6 @@ def train_core(config: GeneMambaConfig, objective: str = "next_gene", num_steps:
 
 
 def _batch_spec(batch: int, seq_len: int) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return {"tokens": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
           "mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_)}
 
@@ -134,7 +116,6 @@ def time_train_step(mixer: str = "mamba2", d_model: int = 128, layers: int = 4,
     "step_ms_min", "compile_s" (lower + compile), "loss" (of the last step),
     "config": the GeneMambaConfig}.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   if steps < 1 or warmup < 0:
     raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
   config = model_config(mixer, d_model, layers, vocab, d_state, backend, dtype, remat,
@@ -179,11 +160,10 @@ def original_layout_config(d_model: int = 512, layers: int = 24, vocab: int = 25
                            combine: str = "mean", chunk_size: int = 64,
                            backend: str | None = None, dtype: str = "float32") -> GeneMambaConfig:
   """The model `convert from-pytorch` builds for the original's checkpoints of these sizes."""
-  from genemamba_jax.convert import original_files  # pylint: disable=g-import-not-at-top
-  from genemamba_jax.model import GeneMambaConfig  # pylint: disable=g-import-not-at-top
+  from genemamba_jax.convert.original_files import ORIGINAL_MIXER  # pylint: disable=g-import-not-at-top
   config = GeneMambaConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, combine=combine,
                            shared_combine=combine in ("concat", "gate"), residual="inside",
-                           scan_chunk_size=chunk_size, dtype=dtype, **original_files.ORIGINAL_MIXER)
+                           scan_chunk_size=chunk_size, dtype=dtype, **ORIGINAL_MIXER)
   return config.replace(scan_backend=backend) if backend else config
 
 
@@ -194,10 +174,6 @@ def time_embed(model: GeneMamba, tokens: np.ndarray, mask: np.ndarray, steps: in
   Returns {"cells_per_s", "batch_ms_median", "batch_ms_min", "compile_s", "embedding"
   ([B, d] of the last call)}.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   from genemamba_jax import inference  # pylint: disable=g-import-not-at-top
   step = inference.batch_step(inference.embedding_fn(("mean",), model.config.vocab_size), model)
   tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool)
@@ -221,9 +197,6 @@ def time_embed_step(d_model: int = 512, layers: int = 2, seq_len: int = 2048, ba
                     chunk_size: int = 64, backend: str | None = None, dtype: str = "float32",
                     seed: int = 0) -> dict:
   """`time_embed` on a randomly initialised model of the original's layout and random cells."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from genemamba_jax.model import GeneMamba  # pylint: disable=g-import-not-at-top
   config = original_layout_config(d_model, layers, vocab, combine, chunk_size, backend, dtype)
   model = GeneMamba(config, rngs=nnx.Rngs(seed))
   data = random_batch(batch, seq_len, vocab, seed)
@@ -251,15 +224,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="state size N (default: 16 for mamba1, 64 for mamba2)")
   common.add_argument("--backend", choices=SCAN_BACKENDS, default=None,
                       help="selective-scan backend (default: the model's, "
-                           f"{MODEL_DEFAULTS['scan_backend']!r})")
+                           f"{GeneMambaConfig.scan_backend!r})")
   common.add_argument("--chunk-size", type=_positive, default=64, help="for --backend chunked")
   common.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
   common.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                       help="keep only --remat-policy's activations for the backward and "
-                           f"recompute the rest (default: the model's, {MODEL_DEFAULTS['remat']})")
+                           f"recompute the rest (default: the model's, {GeneMambaConfig.remat})")
   common.add_argument("--remat-policy", choices=REMAT_POLICIES, default=None,
-                      help=f"default: the model's, {MODEL_DEFAULTS['remat_policy']!r}")
-  common.add_argument("--objective", choices=OBJECTIVES, default="next_gene",
+                      help=f"default: the model's, {GeneMambaConfig.remat_policy!r}")
+  common.add_argument("--objective", choices=objectives.OBJECTIVES, default="next_gene",
                       help="the training objective (default next_gene, separate streams)")
   step = commands.add_parser("train-step", parents=[common], help="time training steps")
   step.add_argument("--layers", type=_positive, default=4, help="BiMamba layers (default 4)")
@@ -288,7 +261,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _embed_main(args) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   result = time_embed_step(args.d_model, args.layers, args.seq_len, args.batch, args.vocab,
                            args.steps, args.warmup, args.combine, args.chunk_size, args.backend,
                            args.dtype)
@@ -329,7 +301,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                          remat_policy=args.remat_policy)
   except ValueError as e:  # e.g. d_inner not a multiple of headdim
     parser.error(str(e))
-  import jax  # pylint: disable=g-import-not-at-top
   shown = dict(sizes, d_state=probe.state_size, backend=probe.scan_backend, remat=probe.remat,
                remat_policy=probe.remat_policy)
   print(f"jax {jax.__version__} ({jax.default_backend()}), {jax.device_count()} device(s); "

@@ -65,6 +65,7 @@ def test_compile_time_prints_a_line_per_depth(remat):
     ["compile-time", "--layers"],
     ["embed-step", "--warmup", "-1"],
 ])
+@pytest.mark.slow  # ten JAX start-ups
 def test_bad_arguments_are_argparse_errors(args):
   proc = bench(*args, timeout=120)
   assert proc.returncode == 2, (proc.stdout, proc.stderr)
@@ -99,8 +100,7 @@ def test_every_option_has_help_and_the_package_values(subcommand):
   assert {"--layers", "--d-model", "--seq-len", "--batch", "--vocab", "--backend",
           "--dtype"} <= set(options), options
   assert [flag for flag, text in options.items() if not text] == [], proc.stdout
-  # The script copies the package's value lists and model defaults (importing them would start
-  # JAX for --help): they must be the package's.
+  # The choices and defaults shown are the package's (the script imports its value lists).
   lists = {"--mixer": model_config.MIXERS, "--backend": model_config.SCAN_BACKENDS,
            "--dtype": model_config.DTYPES, "--remat-policy": model_config.REMAT_POLICIES,
            "--objective": objectives.OBJECTIVES, "--combine": model_config.COMBINES}
