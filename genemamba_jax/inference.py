@@ -100,16 +100,23 @@ def batch_step(fn: Callable, model: nnx.Module,
 
 def _map_batches(fn: Callable, model: GeneMamba, sentences: Sequence[np.ndarray], batch_size: int,
                  desc: str | None, carry=None, devices=None):
-  """Runs `batch_step(fn, model)` over all cells.
+  """Runs `batch_step(fn, model)` over all cells (`map_batches`)."""
+  return map_batches(batch_step(fn, model, devices), sentences, batch_size, model.config.pad_id,
+                     desc, carry)
+
+
+def map_batches(step: Callable, sentences: Sequence[np.ndarray], batch_size: int, pad_id: int,
+                desc: str | None, carry=None):
+  """Runs a `batch_step` over all cells, in input order (a step made once can serve many calls
+  without compiling again).
 
   Returns ([per-batch outputs, padding rows dropped, as numpy], final carry).
   """
-  step = batch_step(fn, model, devices)
   batch_size = -(-batch_size // step.mesh.size) * step.mesh.size  # no padding rows to split
   outputs = []
   # `with`: an error mid-way closes the bar before the command prints it.
   with progress.bar(len(sentences), desc, "cells") as bar:
-    for start, stop, tokens, mask in padded_batches(sentences, batch_size, model.config.pad_id):
+    for start, stop, tokens, mask in padded_batches(sentences, batch_size, pad_id):
       rows, carry = step(tokens, mask, carry)
       outputs.append(jax.tree.map(lambda x, n=stop - start: np.asarray(x[:n]), rows))
       bar.update(stop - start)

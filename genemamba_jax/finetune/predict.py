@@ -4,7 +4,8 @@ Prediction pads and batches cells as genemamba_jax/inference.py does
 (`padded_batches`: input order, power-of-two length buckets, a short last batch
 filled with empty rows), so results do not depend on the batch size beyond float
 rounding. The fine-tuning loop (trainer.py) predicts validation cells and every
-cell of its input with the same `make_predict_step`.
+cell of its input with `make_predict_step` (on its training devices); a loaded
+`Classifier` splits each batch's rows over every local device (inference.batch_step).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def make_predict_step(graphdef) -> Callable:
   return step
 
 
+def _classify(model: CellTypeClassifier, tokens, mask, carry):
+  """`inference.batch_step`'s fn: ((probabilities [B, classes], cells [B, d]), carry)."""
+  cells = model.embed(tokens, mask)
+  return (jax.nn.softmax(model.head(cells), axis=-1), cells), carry
+
+
 def predict_batches(step: Callable, state, sentences: Sequence[np.ndarray], batch_size: int,
                     pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(probabilities [cells, classes] float32, cells [cells, d] float32) in input order."""
@@ -66,8 +73,8 @@ class Classifier:
   run: rundir.Pretrained
 
   def __post_init__(self):
-    graphdef, self._state = nnx.split(self.model)
-    self._step = make_predict_step(graphdef)
+    # Every local device: the rows of a batch are split over them (inference.batch_step).
+    self._step = inference.batch_step(_classify, self.model)
 
   @property
   def data_settings(self) -> dict:
@@ -96,8 +103,11 @@ class Classifier:
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenized cells -> (probabilities [cells, classes] float32, cell embeddings [cells, d]
     float32; d = d_model, 2 d_model for cls_mean pooling), in input order."""
-    return predict_batches(self._step, self._state, sentences, batch_size,
-                           self.model.backbone.config.pad_id)
+    outputs, _ = inference.map_batches(self._step, sentences, batch_size,
+                                       self.model.backbone.config.pad_id, desc=None)
+    if not outputs:
+      raise ValueError("no cells to predict")
+    return tuple(np.concatenate([np.asarray(o[i], np.float32) for o in outputs]) for i in (0, 1))
 
   def predict(self, sentences: Sequence[np.ndarray], batch_size: int = 64
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Embeddings, gene contexts and token predictions on 4 host devices vs 1; run by
+"""Embeddings, gene contexts, token predictions and a fine-tuned classifier's predictions on
+4 host devices vs 1; run by
 test_inference_devices.py in its own process (the devices must exist before JAX starts):
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \
@@ -19,6 +20,8 @@ import numpy as np
 from flax import nnx
 
 from genemamba_jax import inference
+from genemamba_jax.finetune.head import CellTypeClassifier, ClassifierHead
+from genemamba_jax.finetune.predict import Classifier, make_predict_step, predict_batches
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 
 # pylint: enable=wrong-import-position
@@ -45,6 +48,13 @@ def main() -> None:
   step = inference.batch_step(inference.embedding_fn(("cls",), 50), model)
   cells, _ = step(np.full((3, 8), 2, np.int32), np.ones((3, 8), bool), None)  # 3 rows -> 4
   whole, _ = step(np.full((8, 8), 2, np.int32), np.ones((8, 8), bool), None)
+  # The fine-tuned classifier (the original's MLP head, BatchNorm in eval mode): `Classifier`
+  # splits rows over the 4 devices; the trainer's jitted step runs on one.
+  classifier = CellTypeClassifier(model, ClassifierHead(16, 3, (8,), rngs=nnx.Rngs(1)), "mean")
+  classifier.eval()
+  every_p, every_e = Classifier(classifier, ["a", "b", "c"], None).predict_sentences(sentences, 5)
+  graphdef, state = nnx.split(classifier)
+  one_p, one_e = predict_batches(make_predict_step(graphdef), state, sentences, 5, 0)
   (one, one_tokens), (every, every_tokens) = out["one"], out["all"]
   print(json.dumps({
       "rows": len(every.cells["cls"]),
@@ -54,6 +64,8 @@ def main() -> None:
       "tokens_equal": all(all(np.array_equal(a, b) for a, b in zip(one_tokens[p],
                                                                    every_tokens[p]))
                           for p in one_tokens),
+      "classifier": [float(np.max(np.abs(one_p - every_p))),
+                     float(np.max(np.abs(one_e - every_e))), len(every_p)],
       "split_over": len(step.mesh.devices.flat), "padded_rows": int(cells["cls"].shape[0]),
       "output_devices": len(whole["cls"].sharding.device_set)}))
 

@@ -1,4 +1,5 @@
-"""Inference on every local device (inference.batch_step): 4 host devices give 1 device's."""
+"""Inference on every local device (inference.batch_step), embeddings to a fine-tuned
+classifier's predictions: 4 host devices give 1 device's."""
 
 import json
 import os
@@ -28,3 +29,5 @@ def test_four_devices_equal_one():
   assert result["cells"] == {"cls": 0.0, "mean": 0.0} or max(result["cells"].values()) < 1e-6
   assert result["gene_sums"] < 1e-5 and result["gene_counts_equal"]
   assert result["tokens_equal"]
+  probabilities, embeddings, rows = result["classifier"]
+  assert rows == 13 and probabilities < 1e-6 and embeddings < 1e-6
