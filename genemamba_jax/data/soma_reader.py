@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -184,6 +185,50 @@ class SomaSource:
         counts = self._read_counts(X, ids)
         cell_names = np.asarray(cell_names, dtype=str)
         yield readers.CellChunk(counts, cell_names, obs[list(columns)].set_axis(cell_names), lo)
+
+  def to_anndata(self, columns: Sequence[str] | None = None, obsm: Sequence[str] = ()):
+    """The selected cells as an in-memory AnnData, for small selections (a labelled fine-tuning
+    set, cells to score): cells in joinid order, named as `chunks` names them.
+
+    X: [cells, genes] CSR float32, the counts of `self.layer`; obs: `columns` (default every
+    obs column but the cell names); var: indexed by gene id (`self.gene_ids`, in order), with
+    the gene id column; obsm: the named matrices of the measurement, [cells, dims].
+    """
+    import anndata  # pylint: disable=g-import-not-at-top
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+    from genemamba_jax.data import readers  # pylint: disable=g-import-not-at-top
+    soma = _tiledbsoma()
+    columns = ([c for c in self.obs_columns if c != self._name_column] if columns is None
+               else list(dict.fromkeys(columns)))
+    readers.check_obs_columns(self, columns)
+    names = [self._name_column] if self._name_column else []
+    with self._open() as exp:
+      ms = exp.ms[self._options.measurement]
+      there = list(ms.obsm.keys()) if "obsm" in ms else []
+      for key in obsm:
+        if key not in there:
+          raise DataError(f"{self.path}: measurement {self._options.measurement!r} has no obsm "
+                          f"{key!r} ({option('embedding')}); obsm matrices there are: "
+                          f"{_list(there)}")
+      query = exp.axis_query(self._options.measurement,
+                             obs_query=soma.AxisQuery(coords=(self._joinids,)))
+      with warnings.catch_warnings():  # "Transforming to str index": the joinids, replaced below
+        warnings.simplefilter("ignore", anndata.ImplicitModificationWarning)
+        adata = query.to_anndata(
+            self.layer, obsm_layers=list(obsm), obs_id_name="soma_joinid",
+            var_id_name="soma_joinid",
+            column_names={"obs": ["soma_joinid", *names, *columns], "var": ["soma_joinid"]})
+    # Rows and columns in joinid order, whatever order the query returned them in.
+    adata = adata[np.argsort(adata.obs_names.astype(np.int64), kind="stable"),
+                  np.argsort(adata.var_names.astype(np.int64), kind="stable")].copy()
+    cell_names = (adata.obs[self._name_column].astype(str).to_numpy() if self._name_column
+                  else adata.obs_names.to_numpy())
+    # Unnamed str indexes: an index named like a column cannot be written to .h5ad.
+    adata.obs = adata.obs[columns].set_axis(pd.Index(cell_names.astype(str), dtype=object))
+    adata.var = pd.DataFrame({self._gene_column: self.gene_ids},
+                             index=pd.Index(self.gene_ids.astype(str), dtype=object))
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    return adata
 
   def _read_obs(self, obs, ids: np.ndarray, columns: list[str]):
     import pandas as pd  # pylint: disable=g-import-not-at-top

@@ -1,8 +1,8 @@
 """python -m genemamba_jax.evaluate {integration,reconstruction,gene-pairs} ...
 
-  integration     scib-metrics on an embedding in obsm (e.g. embed's X_genemamba)
-                  beside PCA and Harmony baselines: DIR/metrics.csv, metrics.json,
-                  umap.png
+  integration     scib-metrics on an embedding in obsm (e.g. embed's X_genemamba) of
+                  an .h5ad or SOMA experiment beside PCA and Harmony baselines:
+                  DIR/metrics.csv, metrics.json, umap.png
   reconstruction  gene rank reconstruction of a checkpoint on real cells, under the
                   original same-position protocol and the leak-free one, beside a
                   model-free baseline: DIR/reconstruction.csv, .json, _cells.csv, .png
@@ -32,7 +32,8 @@ def _integration(a) -> list[str]:
   from genemamba_jax.evaluate import integration  # pylint: disable=g-import-not-at-top
   table = integration.run_integration(a.input, a.embedding, a.batch_column, a.label_column,
                                       a.out, layer=a.layer, n_pcs=a.n_pcs, seed=a.seed,
-                                      plots=not a.no_plots, log=_step("integration"))
+                                      plots=not a.no_plots, log=_step("integration"),
+                                      soma=soma_reader.options(a))
   return [_show(table[["avg_bio", "avg_batch", "nmi", "ari", "asw_label", "asw_batch",
                        "graph_connectivity", "ilisi", "clisi"]]),
           *_written(integration.output_files(a.out, plots=not a.no_plots))]
@@ -124,18 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("integration", help="batch integration metrics (scib) vs PCA / Harmony")
-  p.add_argument("--input", required=True, help=".h5ad with counts and the embedding in obsm")
+  p.add_argument("--input", required=True,
+                 help=".h5ad with counts and the embedding in obsm, or a SOMA experiment (folder "
+                      "or URI) with them in a measurement's X and obsm")
   p.add_argument("--embedding", default="X_genemamba", help="obsm key (default X_genemamba)")
   p.add_argument("--batch-column", required=True,
                  help="obs column with the batch (donor, sample, technology) to integrate over")
   p.add_argument("--label-column", required=True, help="obs column with the cell types")
   p.add_argument("--out", required=True, help="folder for metrics.csv/.json and umap.png")
-  p.add_argument("--layer", default=None, help="counts for the baselines from this layer")
+  p.add_argument("--layer", "--x-layer", default=None,
+                 help="counts for the baselines from this layer (default X); of a SOMA "
+                      "experiment: its X layer (default raw)")
   p.add_argument("--n-pcs", type=int, default=50,
                  help="principal components of the PCA and Harmony baselines (default 50)")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of k-means, the neighbour graph and UMAP (default 0)")
   p.add_argument("--no-plots", action="store_true", help="skip the UMAP PNGs")
+  soma_reader.add_arguments(p)
   p.set_defaults(run=_integration)
 
   p = sub.add_parser("reconstruction", help="gene rank reconstruction, original and leak-free")

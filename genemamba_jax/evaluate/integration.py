@@ -23,6 +23,7 @@ from scib_metrics.nearest_neighbors import jax_approx_min_k
 from scib_metrics.utils import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from genemamba_jax.data import soma_reader
 from genemamba_jax.files import atomic_paths
 from genemamba_jax.errors import DataError
 from genemamba_jax.files import write_json
@@ -268,11 +269,37 @@ def output_files(out_dir, plots: bool = True) -> list[Path]:
   return [Path(out_dir) / n for n in names]
 
 
+def _read(input_path, embedding_key: str, columns: Sequence[str], layer: str | None,
+          soma: soma_reader.SomaOptions | None, log: Callable[[str], None]):
+  """(AnnData, the layer of its counts) of an .h5ad, or of the cells of a SOMA experiment that
+  `soma.obs_filter` selects: X the counts of X layer `layer`, obs `columns`, obsm the
+  embedding (read into memory: scoring needs every cell at once)."""
+  soma = soma or soma_reader.SomaOptions()
+  if soma_reader.is_soma(input_path):
+    log(f"reading {input_path} (SOMA experiment, measurement {soma.measurement})")
+    source = soma_reader.SomaSource(input_path, layer, None, soma)
+    return source.to_anndata(columns, obsm=[embedding_key]), None
+  if soma.obs_filter is not None:
+    raise DataError(f"{input_path}: --obs-filter applies to SOMA experiments; select the cells "
+                    "of an .h5ad before")
+  path = Path(input_path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found; expected an .h5ad with obsm[{embedding_key!r}] or "
+                    "a SOMA experiment")
+  log(f"reading {path}")
+  try:
+    return anndata.read_h5ad(path), layer
+  except (OSError, KeyError, ValueError, TypeError) as e:  # what h5py/anndata raise on a bad file
+    raise DataError(f"{path}: cannot read it as .h5ad ({e})") from None
+
+
 def run_integration(input_path: str, embedding_key: str, batch_column: str, label_column: str,
                     out_dir: str, *, layer: str | None = None, n_pcs: int = 50, seed: int = 0,
                     baselines: Sequence[str] = ("pca", "harmony"),
-                    plots: bool = True, log: Callable[[str], None] | None = None) -> pd.DataFrame:
-  """Scores an .h5ad's embedding and baselines; writes metrics and UMAPs to out_dir.
+                    plots: bool = True, log: Callable[[str], None] | None = None,
+                    soma: soma_reader.SomaOptions | None = None) -> pd.DataFrame:
+  """Scores the embedding of an .h5ad or SOMA experiment (read as `soma` says) and baselines;
+  writes metrics and UMAPs to out_dir.
 
   Writes metrics.csv (first column `method`), metrics.json ({method: {metric:
   value}}) and, with `plots`, umap.png (a column per method, rows coloured by
@@ -283,14 +310,8 @@ def run_integration(input_path: str, embedding_key: str, batch_column: str, labe
     The integration_table DataFrame.
   """
   log = log or (lambda line: None)
-  path = Path(input_path)
-  if not path.is_file():
-    raise DataError(f"{path}: file not found; expected an .h5ad with obsm[{embedding_key!r}]")
-  log(f"reading {path}")
-  try:
-    adata = anndata.read_h5ad(path)
-  except (OSError, KeyError, ValueError, TypeError) as e:  # what h5py/anndata raise on a bad file
-    raise DataError(f"{path}: cannot read it as .h5ad ({e})") from None
+  adata, layer = _read(input_path, embedding_key, (batch_column, label_column), layer, soma, log)
+  path = input_path
   table, embeddings = _scored(adata, embedding_key, batch_column, label_column, layer, n_pcs,
                               seed, baselines, where=str(path), log=log)
   fig = None

@@ -2,7 +2,8 @@
     [--config.key=value ...]
 
 Cell type annotation: fine-tunes a pretrained GeneMamba (`--config.init_checkpoint`)
-on the labelled cells of an .h5ad (`--config.data.input`, `--config.label_column`),
+on the labelled cells of an .h5ad or SOMA experiment (`--config.data.input`,
+`--config.data.measurement`, `--config.data.obs_filter`; `--config.label_column`),
 tokenizing them with the checkpoint's vocabulary. Writes to DIR: metrics.json,
 predictions.csv, confusion_matrix.png, predictions.h5ad, metrics.jsonl and the
 fine-tuned checkpoint (a run directory for `embed`, `evaluate` and

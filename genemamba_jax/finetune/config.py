@@ -29,9 +29,11 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.init_checkpoint = ""  # a train/finetune run directory, or one checkpoints/<step> directory
   c.data = ml_collections.ConfigDict({
-      "input": "",  # the .h5ad with counts and labels
-      "layer": "",  # counts from this layer ('' = X, 'raw' = .raw.X)
+      "input": "",  # the .h5ad, or SOMA experiment (folder or URI), with counts and labels
+      "layer": "",  # counts from this layer ('' = X, 'raw' = .raw.X); SOMA: X layer ('' = raw)
       "gene_column": "",  # var column with the vocabulary's gene ids ('' = var index)
+      "measurement": "RNA",  # SOMA input: the measurement to read
+      "obs_filter": "",  # SOMA input: only cells passing this obs value filter ('' = all)
       "gene_map": "",  # symbol -> vocabulary id table (pkl or TSV), if the ids differ
       "max_len": 0,  # tokens per cell; 0 = the length the backbone was trained on
   })
@@ -94,7 +96,8 @@ def check(c: ml_collections.ConfigDict) -> None:
     raise DataError("set --config.init_checkpoint to a pretraining run directory (the --workdir "
                     "of genemamba_jax.train) or one of its checkpoints/<step> directories")
   if not c.data.input:
-    raise DataError("set --config.data.input to the .h5ad file with the cells to annotate")
+    raise DataError("set --config.data.input to the .h5ad file or SOMA experiment with the cells "
+                    "to annotate")
   for key, allowed in (("pooling", POOLINGS), ("head", HEADS), ("class_weights", CLASS_WEIGHTS),
                        ("schedule", SCHEDULES)):
     if c[key] not in allowed:

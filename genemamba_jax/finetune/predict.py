@@ -78,7 +78,9 @@ class Classifier:
 
   @property
   def data_settings(self) -> dict:
-    """How the run read its cells: {"layer", "gene_column", "gene_map", "max_len"}."""
+    """How the run read its cells: {"layer", "gene_column", "gene_map", "max_len"}, and for a
+    SOMA experiment {"measurement", "x_layer", "obs_filter"} (`predict`'s --measurement,
+    --x-layer, --obs-filter)."""
     return dict(self.run.task.get("data", {}))
 
   def tokenizer(self):

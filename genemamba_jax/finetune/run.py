@@ -23,7 +23,8 @@ from flax import nnx
 from genemamba_jax import errors, files, inference, rundir
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.data.readers import AnnDataSource
+from genemamba_jax.data import soma_reader
+from genemamba_jax.data.readers import AnnDataSource, check_obs_columns
 from genemamba_jax.errors import DataError
 from genemamba_jax.finetune import config as config_lib
 from genemamba_jax.finetune import predict as predict_lib
@@ -38,8 +39,8 @@ CONFIG_FILE = "config.json"
 # Keys a resumed run may change: they do not change what is trained.
 RUN_TIME_KEYS = ("log_every", "write_h5ad")
 # How error messages name the settings inside `finetune` (its flags are config keys).
-OPTION_NAMES = {"layer": "--config.data.layer", "gene_column": "--config.data.gene_column",
-                "gene_map": "--config.data.gene_map", "max_len": "--config.data.max_len"}
+OPTION_NAMES = {key: f"--config.data.{key}" for key in ("layer", "gene_column", "gene_map",
+                                                        "max_len", "measurement", "obs_filter")}
 
 
 def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -67,9 +68,8 @@ def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
 
   # --- cells, labels, splits
   path = c.data.input
-  adata = _read(path)
   columns = [c.label_column] + ([c.split_column] if c.split_column else [])
-  source = AnnDataSource(adata, path, c.data.layer or None, c.data.gene_column or None)
+  adata, source, soma = _read(c, columns)
   max_len = c.data.max_len or base.tokenize.get("max_len", 2048)
   gene_map = genes_lib.load_gene_map(c.data.gene_map) if c.data.gene_map else None
   tokenizer = base.tokenizer(max_len=max_len, cls=True, gene_map=gene_map)
@@ -99,7 +99,7 @@ def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
           "init_checkpoint": str(base.checkpoint.step_dir),
           "data": {"layer": c.data.layer, "gene_column": c.data.gene_column,
                    "gene_map": os.path.abspath(c.data.gene_map) if c.data.gene_map else "",
-                   "max_len": max_len}}
+                   "max_len": max_len, **soma}}
 
   def build_model():
     rngs = nnx.Rngs(c.seed)
@@ -174,15 +174,38 @@ def _flatten(tree, prefix: str = ""):
     yield prefix[:-1], tree
 
 
-def _read(path: str) -> anndata.AnnData:
+def _read(c: ml_collections.ConfigDict, columns: list[str]
+          ) -> tuple[anndata.AnnData, AnnDataSource, dict]:
+  """(the input's cells in memory, a source over them, how a SOMA experiment was read: {} for
+  an .h5ad, else {"measurement", "x_layer", "obs_filter"}, recorded in task.json "data")."""
+  path, layer, gene_column = c.data.input, c.data.layer or None, c.data.gene_column or None
+  if soma_reader.is_soma(path):
+    # Labelled sets are small: the selected cells are read into an AnnData (its X: the layer).
+    experiment = soma_reader.SomaSource(
+        path, layer, gene_column, soma_reader.SomaOptions(c.data.measurement,
+                                                          c.data.obs_filter or None))
+    if not experiment.n_cells:
+      raise DataError(f"{path}: {errors.option('obs_filter')} {c.data.obs_filter!r} selects no "
+                      "cells")
+    check_obs_columns(experiment, columns)
+    adata = experiment.to_anndata()
+    return adata, AnnDataSource(adata, path), {
+        "measurement": c.data.measurement, "x_layer": experiment.layer,
+        "obs_filter": c.data.obs_filter}
+  if c.data.obs_filter:
+    raise DataError(f"{path}: {errors.option('obs_filter')} applies to SOMA experiments; "
+                    "select the cells of an .h5ad before")
   if not Path(path).exists():
-    raise DataError(f"{path}: no such file; set --config.data.input to your .h5ad file")
+    raise DataError(f"{path}: no such file; set --config.data.input to your .h5ad file or SOMA "
+                    "experiment")
   if not Path(path).is_file() or Path(path).suffix != ".h5ad":
-    raise DataError(f"{path}: not an .h5ad file; set --config.data.input to one")
+    raise DataError(f"{path}: not an .h5ad file or SOMA experiment; set --config.data.input to "
+                    "one")
   try:
-    return anndata.read_h5ad(path)
+    adata = anndata.read_h5ad(path)
   except (OSError, KeyError, ValueError) as e:
     raise DataError(f"{path}: not a readable .h5ad file ({e})") from None
+  return adata, AnnDataSource(adata, path, layer, gene_column), {}
 
 
 def _write_h5ad(adata: anndata.AnnData, frame, embeddings: np.ndarray, path: Path) -> None:

@@ -11,25 +11,15 @@ import scipy.sparse as sp
 from genemamba_jax import embed, label_transfer, perturb, prepare, rundir
 from genemamba_jax.data import read_tokenized, readers, soma_reader
 from genemamba_jax.data.tokenizer import CellTokenizer, TokenizeConfig
+from tests import soma_experiment
 
 MIN_GENES = "100"
 
 
 @pytest.fixture(scope="module")
 def kang(tmp_path_factory, tiledbsoma):
-  """(.h5ad path, SOMA experiment path, the AnnData): every 5th Kang cell (312), var feature_id
-  = the Ensembl ids, obs is_primary_data False on every 7th cell; X layer "raw"."""
-  import anndata  # pylint: disable=g-import-not-at-top
-  import tiledbsoma.io  # pylint: disable=g-import-not-at-top
-  from tests.conftest import _require_shared_data  # pylint: disable=g-import-not-at-top
-  adata = anndata.read_h5ad(_require_shared_data() / "kang_pbmc_ifnb.h5ad")[::5].copy()
-  adata.var["feature_id"] = adata.var["ensembl_id"].astype(str)
-  adata.obs["is_primary_data"] = np.arange(adata.n_obs) % 7 != 0
-  out = tmp_path_factory.mktemp("kang_soma")
-  adata.write_h5ad(out / "kang.h5ad")
-  tiledbsoma.io.from_anndata(str(out / "kang_soma"), adata, measurement_name="RNA",
-                             X_layer_name="raw")
-  return str(out / "kang.h5ad"), str(out / "kang_soma"), adata
+  """(.h5ad path, SOMA experiment path, the AnnData): tests/soma_experiment.py's Kang subset."""
+  return soma_experiment.write_kang(tmp_path_factory.mktemp("kang_soma"))
 
 
 def run(capsys, main, *argv):
