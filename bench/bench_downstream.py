@@ -1,14 +1,15 @@
 """Downstream results on real cells (Kang PBMCs): annotation, integration, reconstruction, gene pairs.
 
     python bench/bench_downstream.py [--steps 400] [--out bench/_work/downstream]
-    python bench/bench_downstream.py --only annotation [--set KEY=VALUE ...]
+    python bench/bench_downstream.py --only annotation [--data D] [--seeds 0 1 2] [--set KEY=VALUE ...]
 
 `--only annotation`: fine-tunes the demo backbone (`python -m genemamba_jax.train
 --config configs/demo.py`, pretrained here once) with the DEFAULT finetune config
 (configs/finetune.py; `--set` overrides a key) on Kang (`cell_type`) and on
 scanpy's pbmc68k_reduced (exact counts, `bulk_labels`), each beside a logistic
 regression on the same split and the same genes (those of the backbone's
-vocabulary), log-normalized. Writes OUT/annotation.md for bench/RESULTS.md
+vocabulary), log-normalized; with `--seeds`, on several splits (the mean, and the
+accuracy's standard deviation). Writes OUT/annotation*.md for bench/RESULTS.md
 ("Cell type annotation").
 
 Pretrains two small GeneMambas on Kang (d 64, 2 Mamba-2 layers, top 128 genes):
@@ -182,8 +183,16 @@ def demo_backbone(out: Path) -> Path:
   return run
 
 
-def annotation_bench(out: Path, sets: list[str], only_data: str | None = None) -> str:
-  """The default finetune config vs logistic regression on Kang and pbmc68k (markdown)."""
+def annotation_bench(out: Path, sets: list[str], only_data: str | None = None,
+                     seeds: tuple[int, ...] = (0,)) -> str:
+  """The default finetune config vs logistic regression on Kang and pbmc68k (markdown).
+
+  One stratified 80/10/10 split per seed (the finetune config's `seed`: split and
+  initialization); both methods see the same split. With several seeds the table holds the
+  mean over them and the accuracy's standard deviation (`accuracy_sd`).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data import demo  # pylint: disable=g-import-not-at-top
   run = demo_backbone(out)
   genes = set(rundir.load_pretrained(run).vocab.gene_ids)
@@ -192,22 +201,28 @@ def annotation_bench(out: Path, sets: list[str], only_data: str | None = None) -
   for name, data, label in (("Kang", KANG, "cell_type"), ("pbmc68k_reduced", pbmc, "bulk_labels")):
     if only_data and name != only_data:
       continue
-    work = out / "annotation" / tag / name
-    if work.exists():
-      import shutil  # pylint: disable=g-import-not-at-top
-      shutil.rmtree(work)
-    metrics, seconds = _finetune(run, work, data=data, label=label, max_len=128, sets=sets,
-                                 write_h5ad=False)
-    task = __import__("json").loads((work / "task.json").read_text())
-    rows[(name, "GeneMamba fine-tuned (" + (", ".join(sets) or "default config") + ")")] = {
-        "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
-        "val_macro_f1": metrics["val"]["macro_f1"], "steps": task["num_steps"],
-        "seconds": seconds, "genes": float("nan")}
-    rows[(name, "logistic regression, log-normalized counts")] = logistic_regression(
-        data, label, work / "predictions.csv", genes)
+    ours, baseline = [], []
+    for seed in seeds:
+      work = out / "annotation" / tag / name / f"seed{seed}"
+      if work.exists():
+        shutil.rmtree(work)
+      metrics, seconds = _finetune(run, work, data=data, label=label, max_len=128,
+                                   sets=[f"seed={seed}", *sets], write_h5ad=False)
+      task = json.loads((work / "task.json").read_text())
+      ours.append({"accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
+                   "val_macro_f1": metrics["val"]["macro_f1"], "steps": task["num_steps"],
+                   "seconds": seconds, "genes": float("nan")})
+      baseline.append(logistic_regression(data, label, work / "predictions.csv", genes))
+    method = "GeneMamba fine-tuned (" + (", ".join(sets) or "default config") + ")"
+    for key, runs in ((method, ours), ("logistic regression, log-normalized counts", baseline)):
+      frame = pd.DataFrame(runs)
+      rows[(name, key)] = {**frame.mean().to_dict(),
+                           "accuracy_sd": frame["accuracy"].std(ddof=1) if len(runs) > 1
+                           else float("nan")}
   frame = pd.DataFrame(rows).T
   frame.index.names = ["data", "method"]
-  return _md(frame)
+  return _md(frame[["accuracy", "accuracy_sd", "macro_f1", "val_macro_f1", "steps", "seconds",
+                    "genes"]])
 
 
 def main() -> None:
@@ -220,12 +235,15 @@ def main() -> None:
                       help="--only annotation: a finetune config override (repeatable)")
   parser.add_argument("--data", choices=["Kang", "pbmc68k_reduced"],
                       help="--only annotation: this data set only")
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                      help="--only annotation: one split (and initialization) per seed; the table "
+                           "gives the mean over them")
   a = parser.parse_args()
   out = Path(a.out)
   if a.only == "annotation":
     text = (f"Machine: {platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
-            f"JAX {jax.__version__}\n\n" + annotation_bench(out, a.set, a.data) + "\n")
-    name = "-".join(["annotation", *a.set]).replace("=", "_")
+            f"JAX {jax.__version__}\n\n" + annotation_bench(out, a.set, a.data, tuple(a.seeds)) + "\n")
+    name = "-".join(["annotation", *a.set, *(f"seed{s}" for s in a.seeds)]).replace("=", "_")
     (out / f"{name}.md").write_text(text, encoding="utf-8")
     print(text)
     return
