@@ -43,6 +43,7 @@ def _ours(path, vocab_dir, config, **kwargs):
   return out, stats
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 @pytest.mark.parametrize("max_len", [2048, 100])
 def test_kang_equals_geneformer(shared_data, gf, gf_vocab_dir, max_len):
   tokens, medians = gf

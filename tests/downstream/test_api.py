@@ -65,6 +65,7 @@ def test_embed_and_gene_embeddings_equal_the_embed_command(demo_model, demo_run,
   np.testing.assert_array_equal(context.to_numpy(), saved["context"])
 
 
+@pytest.mark.slow  # the demo run, fine-tuned (demo_finetuned)
 def test_predict_equals_the_predict_command(finetuned_model, demo_finetuned, demo_counts,
                                             tmp_path):
   out = tmp_path / "labels.csv"
@@ -107,6 +108,7 @@ def test_label_transfer_and_perturb_equal_their_commands(demo_model, demo_run, d
   assert len(shifts) == 600 and (shifts["shift"] >= 0).all() and (shifts["shift"] > 0).any()
 
 
+@pytest.mark.slow  # the demo run (demo_model)
 def test_bad_input_raises_data_error(demo_model, tmp_path):
   with pytest.raises(gm.DataError, match="checkpoint not found"):
     gm.load(tmp_path / "no_run")
@@ -120,6 +122,7 @@ def test_bad_input_raises_data_error(demo_model, tmp_path):
     demo_model.perturb(tmp_path / "missing.h5ad", "NOT_A_GENE")
 
 
+@pytest.mark.slow  # the demo run (demo_model)
 def test_predict_on_a_pretrained_run_says_it_needs_a_fine_tuned_one(demo_model, demo_counts):
   assert demo_model.classifier is None and demo_model.classes is None
   with pytest.raises(gm.DataError, match="predict needs a fine-tuned run"):

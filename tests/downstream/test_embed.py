@@ -28,6 +28,7 @@ def _cli(*args):
                         capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_cli_writes_obsm_in_input_order_deterministically(kang_pretrained, kang_subset, tmp_path):
   outs = [tmp_path / "a.h5ad", tmp_path / "b.h5ad"]
   for out in outs:
@@ -47,6 +48,7 @@ def test_cli_writes_obsm_in_input_order_deterministically(kang_pretrained, kang_
   assert np.all(genes["context_counts"] >= 1)
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_batch_size_does_not_change_embeddings(kang_pretrained, kang_subset):
   big = embed.embed_file(kang_pretrained, kang_subset, poolings=("cls", "mean"), batch_size=64,
                          gene_context=True, progress=False)
@@ -61,6 +63,7 @@ def test_batch_size_does_not_change_embeddings(kang_pretrained, kang_subset):
   np.testing.assert_allclose(alone.cells["mean"][0], big.cells["mean"][17], atol=1e-5)
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_gene_context_is_the_mean_state_over_occurrences(kang_pretrained, kang_subset):
   from genemamba_jax import inference
   model = rundir.load_pretrained(kang_pretrained)
@@ -83,6 +86,7 @@ def test_gene_context_is_the_mean_state_over_occurrences(kang_pretrained, kang_s
   np.testing.assert_allclose(result.gene_context[5], np.mean(states, axis=0), atol=1e-5)
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_npy_and_npz_outputs(kang_pretrained, kang_subset, tmp_path):
   assert _cli("--checkpoint", kang_pretrained, "--input", kang_subset,
               "--output", tmp_path / "x.npy", "--pooling", "mean").returncode == 0
@@ -94,6 +98,7 @@ def test_npy_and_npz_outputs(kang_pretrained, kang_subset, tmp_path):
   assert list(npz["obs_names"]) == list(anndata.read_h5ad(kang_subset).obs_names)
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_errors_are_one_line_and_name_the_problem(kang_pretrained, kang_subset, tmp_path):
   result = _cli("--checkpoint", kang_pretrained, "--input", kang_subset, "--output",
                 tmp_path / "x.csv")

@@ -20,6 +20,7 @@ def test_dataset_order_by_count_then_mean_position():
   np.testing.assert_array_equal(reconstruction.dataset_order(cells), [7, 5, 8, 9])
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_reconstruct_scores_each_protocol_on_gene_positions(kang_pretrained):
   model = rundir.load_pretrained(kang_pretrained)
   from genemamba_jax.data.readers import open_source
@@ -49,6 +50,7 @@ def _written(stdout: str) -> list[str]:
           if line.startswith("written: ")]
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_reconstruction_and_gene_pair_commands(kang_pretrained, tmp_path, capsys):
   out = tmp_path / "rec"
   assert cli.main(["reconstruction", "--checkpoint", str(kang_pretrained), "--input", str(KANG),
@@ -111,6 +113,7 @@ def test_rank_figure_panels_titles_and_colour_bar():
   assert image.norm.vmax == pytest.approx(20 * 3)  # 3 ranks a bin, 20 cells on the diagonal
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_an_error_after_a_bar_started_is_on_a_line_of_its_own(kang_pretrained, tmp_path,
                                                              capsys):
   # Cells past the first chunk (1,024) hold fractional values: tokenizing stops half-way,
@@ -130,6 +133,7 @@ def test_an_error_after_a_bar_started_is_on_a_line_of_its_own(kang_pretrained, t
   assert line.startswith("error: ") and "\r" not in line
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_gene_pairs_needs_matching_gene_names(kang_pretrained, tmp_path, capsys):
   # Gene embeddings keyed by Ensembl ids cannot be matched to the pair files' symbols.
   genes = tmp_path / "genes.npz"

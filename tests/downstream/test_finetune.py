@@ -58,6 +58,7 @@ def annotated(tmp_path_factory, kang_pretrained, kang_with_partition):
   return workdir, metrics
 
 
+@pytest.mark.slow  # a Kang fine-tuning run (annotated)
 def test_finetune_reaches_90_percent_on_held_out_kang_cells(annotated):
   workdir, metrics = annotated
   assert set(metrics) == {"train", "test"}  # the partition column has no val cells
@@ -66,6 +67,7 @@ def test_finetune_reaches_90_percent_on_held_out_kang_cells(annotated):
   assert json.loads((workdir / "metrics.json").read_text()) == metrics
 
 
+@pytest.mark.slow  # a Kang fine-tuning run (annotated)
 def test_metrics_equal_scikit_learn_on_the_saved_predictions(annotated, kang_with_partition):
   workdir, metrics = annotated
   pred = pd.read_csv(workdir / "predictions.csv")
@@ -84,6 +86,7 @@ def test_metrics_equal_scikit_learn_on_the_saved_predictions(annotated, kang_wit
         skm.recall_score(rows.true, rows.pred, average="weighted"), abs=1e-12)
 
 
+@pytest.mark.slow  # a Kang fine-tuning run (annotated)
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_outputs_h5ad_png_and_a_reloadable_checkpoint(annotated, kang_pretrained,
                                                       kang_with_partition, tmp_path, head):
@@ -114,6 +117,7 @@ def test_outputs_h5ad_png_and_a_reloadable_checkpoint(annotated, kang_pretrained
   np.testing.assert_allclose(embeddings, out.obsm["X_genemamba"][:64], atol=1e-5)
 
 
+@pytest.mark.slow  # a Kang fine-tuning run (annotated)
 def test_integration_of_the_fine_tuned_embeddings(annotated, tmp_path):
   from genemamba_jax.evaluate import __main__ as evaluate
   workdir, _ = annotated
@@ -138,6 +142,7 @@ def test_stratified_split_keeps_rare_classes_in_every_split():
   assert np.sum((labels == 0) & (split == "test")) == 5
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_bad_inputs_name_the_field(kang_pretrained, kang_with_partition, tmp_path):
   with pytest.raises(DataError, match="kang_partition.h5ad: obs has no column 'celltype'"):
     run.finetune(_config(kang_pretrained, kang_with_partition, label_column="celltype"),
@@ -160,6 +165,7 @@ def test_cli_one_line_error(tmp_path):
   assert result.stderr.strip().startswith("error: set --config.init_checkpoint")
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_cls_never_seen_in_pretraining_starts_at_the_mean_gene_embedding(
     kang_pretrained, kang_with_partition, tmp_path):
   import shutil

@@ -47,6 +47,7 @@ def kang(shared_data, tmp_path_factory):
   return _CACHE
 
 
+@pytest.mark.slow  # Kang scored by run_integration (kang), ~80 s once
 def test_kang_metrics_files(kang):
   out = kang["out"]
   csv = pd.read_csv(out / "metrics.csv", float_precision="round_trip")
@@ -70,6 +71,7 @@ def test_kang_metrics_files(kang):
   assert sorted(integration.output_files(out)) == sorted(out.iterdir())
 
 
+@pytest.mark.slow  # Kang scored by run_integration (kang), ~80 s once
 def test_kang_harmony_mixes_patients(kang):
   table = kang["table"]
   # Harmony corrects for the patient, so patients mix better than in the plain PCA,
@@ -80,6 +82,7 @@ def test_kang_harmony_mixes_patients(kang):
   assert kang["base"]["harmony"].shape == kang["base"]["pca"].shape == (kang["adata"].n_obs, 50)
 
 
+@pytest.mark.slow  # Kang scored by run_integration (kang), ~80 s once
 def test_kang_umap_png(kang):
   path = kang["out"] / "umap.png"
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -127,6 +130,7 @@ def test_cli_names_every_file_and_prints_lisi(kang, tmp_path, capsys):
   assert {p.rsplit("/", 1)[-1] for p in written} == {"metrics.csv", "metrics.json", "umap.png"}
 
 
+@pytest.mark.slow  # Kang scored by run_integration (kang), ~80 s once
 def test_one_hot_beats_noise(kang):
   obs = kang["adata"].obs
   codes = pd.Categorical(obs[LABEL]).codes
@@ -144,6 +148,7 @@ def test_one_hot_beats_noise(kang):
   assert 0.4 < bad["asw_label"] < 0.6  # raw silhouette ~0 for random points
 
 
+@pytest.mark.slow  # Kang scored by run_integration (kang), ~80 s once
 def test_metrics_match_independent_computations(kang):
   obs, x = kang["adata"].obs, kang["base"]["pca"]
   labels, batches = obs[LABEL].to_numpy().astype(str), obs[BATCH].to_numpy().astype(str)
@@ -174,6 +179,7 @@ def test_metrics_match_independent_computations(kang):
   assert row["graph_connectivity"] == pytest.approx(np.mean(fractions), abs=0.01)
 
 
+@pytest.mark.slow  # Kang scored by run_integration (kang), ~80 s once
 def test_errors_name_file_and_field(kang, tmp_path):
   path = str(kang["path"])
   with pytest.raises(DataError, match="X_missing") as err:
@@ -189,6 +195,7 @@ def test_errors_name_file_and_field(kang, tmp_path):
   assert issubclass(DataError, ValueError)
 
 
+@pytest.mark.slow  # Kang scored by run_integration (kang), ~80 s once
 def test_bad_inputs_are_refused(kang, tmp_path):
   obs, x = kang["adata"].obs, kang["base"]["pca"]
   labels, batches = obs[LABEL].to_numpy(), obs[BATCH].to_numpy()

@@ -164,6 +164,7 @@ def _one_error_line(capsys) -> str:
   return err[0]
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_bad_input_is_one_line_and_writes_nothing(kang_pretrained, kang_files, tmp_path, capsys):
   out = tmp_path / "labels.csv"
   args = _args(kang_pretrained, kang_files, out)
@@ -184,6 +185,7 @@ def test_bad_input_is_one_line_and_writes_nothing(kang_pretrained, kang_files, t
   assert list(tmp_path.glob("labels*")) == []
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_k_above_the_labelled_cells_names_their_number(kang_pretrained, kang_files, tmp_path,
                                                        capsys):
   assert lt.main([*_args(kang_pretrained, kang_files, tmp_path / "x.csv"), "--k", "151"]) == 2
@@ -200,6 +202,7 @@ def _renamed(path, out, keep: int):
   return out
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_a_query_with_few_vocabulary_genes_warns(kang_pretrained, kang_files, tmp_path, caplog):
   query = _renamed(kang_files["query"], tmp_path / "few.h5ad", keep=100)
   with caplog.at_level(logging.WARNING):
@@ -210,6 +213,7 @@ def test_a_query_with_few_vocabulary_genes_warns(kang_pretrained, kang_files, tm
   assert f"{query}: 100 of 1,267 genes (7.9%) are in the model's vocabulary" in warnings[0]
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_a_query_without_vocabulary_genes_is_refused(kang_pretrained, kang_files, tmp_path,
                                                      capsys):
   query = _renamed(kang_files["query"], tmp_path / "none.h5ad", keep=0)

@@ -209,6 +209,7 @@ def _one_error_line(capsys) -> str:
   return err[0]
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_bad_input_is_one_line_and_writes_nothing(kang_pretrained, kang_cells, tmp_path, capsys):
   out = tmp_path / "shift.csv"
   args = _args(kang_pretrained, kang_cells, out, "--mode", "delete")

@@ -26,6 +26,7 @@ def predicted_csv(tmp_path_factory, demo_finetuned, demo_counts):
   return out
 
 
+@pytest.mark.slow  # the demo run, fine-tuned (demo_finetuned)
 def test_csv_every_cell_in_input_order_as_finetune_scored_them(predicted_csv, demo_finetuned,
                                                                 demo_counts):
   frame = pd.read_csv(predicted_csv, float_precision="round_trip")
@@ -60,6 +61,7 @@ def test_h5ad_output_is_the_input_with_obs_and_obsm(predicted_csv, demo_finetune
   np.testing.assert_allclose(labelled.obsm[predict.OBSM_KEY], embedded, atol=1e-5)
 
 
+@pytest.mark.slow  # the demo run (demo_run)
 def test_a_pretrained_only_run_is_refused(demo_run, demo_counts, tmp_path, capsys):
   out = tmp_path / "labels.csv"
   assert predict.main(_args(demo_run, demo_counts, out)) == 2
@@ -68,6 +70,7 @@ def test_a_pretrained_only_run_is_refused(demo_run, demo_counts, tmp_path, capsy
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # the demo run, fine-tuned (demo_finetuned)
 def test_bad_input_is_one_line_and_writes_nothing(demo_finetuned, demo_counts, tmp_path, capsys):
   out = tmp_path / "labels.csv"
   assert predict.main(_args(demo_finetuned, tmp_path / "missing.h5ad", out)) == 2

@@ -103,6 +103,7 @@ def test_finetune_on_the_experiment_equals_finetune_on_the_h5ad(kang, kang_pretr
     ("data.layer=counts", "has no X layer 'counts' (--config.data.layer); X layers there are: "
                           "raw"),
 ])
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_finetune_bad_soma_settings_are_one_line_errors(kang, kang_pretrained, tmp_path, capsys,
                                                         key, message):
   _, soma, _, _ = kang
@@ -115,6 +116,7 @@ def test_finetune_bad_soma_settings_are_one_line_errors(kang, kang_pretrained, t
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_finetune_obs_filter_on_an_h5ad_is_refused(kang, kang_pretrained, tmp_path):
   h5ad = kang[0]
   with pytest.raises(Exception, match="--config.data.obs_filter applies to SOMA experiments"):

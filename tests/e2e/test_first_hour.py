@@ -119,6 +119,7 @@ def test_4_ctrl_c_saves_a_checkpoint_and_each_step_is_logged_once(tmp_path, env)
   assert steps == sorted(set(steps)) and steps[-1] == saved + 3
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_5_failed_runs_leave_no_debris(tmp_path, env):
   one_error_line(train(tmp_path / "train", "--config.model.mixer=mamba3", env=env))
   assert not (tmp_path / "train").exists()
@@ -163,6 +164,7 @@ def test_7_a_wrong_nested_key_gets_the_keys_of_its_section(tmp_path):
   assert "did you mean optimizer.warmup_steps" in line
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_8_finetune_missing_input_says_no_such_file(kang_pretrained, tmp_path):
   line = one_error_line(command(
       "genemamba_jax.finetune", "--config", "configs/finetune.py", "--workdir", tmp_path / "w",
@@ -170,6 +172,7 @@ def test_8_finetune_missing_input_says_no_such_file(kang_pretrained, tmp_path):
   assert "/missing/cells.h5ad: no such file" in line
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_9_raw_counts_hint_names_the_finetune_key_and_plain_cell_names(kang_pretrained, tmp_path,
                                                                         shared_data):
   adata = anndata.read_h5ad(shared_data / "kang_pbmc_ifnb.h5ad")

@@ -49,6 +49,7 @@ def _documented(key: str) -> bool:
   return any(re.fullmatch(re.sub(r"<\w+>", r"\\w+", p), key) for p in patterns)
 
 
+@pytest.mark.slow  # the small model pretrained on Kang (kang_pretrained)
 def test_every_metrics_jsonl_key_of_a_training_run_is_documented(kang_pretrained):
   rows = [json.loads(line) for line in (kang_pretrained / "metrics.jsonl").read_text().splitlines()]
   keys = set().union(*rows)

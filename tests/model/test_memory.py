@@ -57,6 +57,7 @@ def temp_bytes(mixer: str, d_state: int, **overrides) -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_train_step_memory_has_no_length_by_inner_by_state_tensor(mixer):
   config = model_config(mixer, STATES[0])
@@ -75,6 +76,7 @@ def test_train_step_memory_has_no_length_by_inner_by_state_tensor(mixer):
         f"would add; temps by N: {temps}")
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_default_remat_policy_keeps_less_than_keeping_everything(mixer):
   """The default remat policy keeps the mixers' in_proj and scan outputs only: the conv,

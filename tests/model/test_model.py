@@ -151,6 +151,7 @@ def test_remat_and_tied_embeddings_run_and_differentiate():
   assert model.lm_head is None and model(tokens).logits.shape == (2, 16, 40)
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_remat_policies_change_memory_not_the_gradients(mixer):
   """Every remat policy (the default keeps only the mixers' in_proj and scan outputs) gives

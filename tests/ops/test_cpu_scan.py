@@ -132,6 +132,7 @@ def test_selective_scan_numba_backend_adds_d():
                 selective_scan(x, dt, a, b, c, d, backend="sequential"))
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_grad_through_a_genemamba_with_the_kernel_matches_the_reference():
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from genemamba_jax.model import GeneMamba, GeneMambaConfig  # pylint: disable=g-import-not-at-top

@@ -5,6 +5,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
@@ -27,6 +28,7 @@ def _model_grads(backend: str, mixer: str = "mamba1"):
   return value, jax.tree.leaves(grads)
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_grad_through_bimamba_layers_with_the_pallas_kernel_matches_the_reference():
   ref_value, ref_grads = _model_grads("sequential")
   with pallas_scan.interpreted():  # the kernel itself, in Pallas's interpreter on CPU

@@ -139,6 +139,7 @@ def eight_devices():
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 @pytest.mark.parametrize("mesh", ["data8", "fsdp8", "data2_fsdp2_tensor2"])
 def test_sharded_step_equals_one_device(eight_devices, mesh):
   result = eight_devices["meshes"][mesh]

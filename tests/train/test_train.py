@@ -60,6 +60,7 @@ def straight_run(tmp_path_factory):
   return workdir, loop.train_and_evaluate(_config(), workdir)
 
 
+@pytest.mark.slow  # a demo training run (straight_run)
 def test_demo_trains_logs_evaluates_and_checkpoints(straight_run):
   workdir, last = straight_run
   records = _metrics(workdir)
@@ -74,6 +75,7 @@ def test_demo_trains_logs_evaluates_and_checkpoints(straight_run):
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
+@pytest.mark.slow  # a demo training run (straight_run)
 def test_resume_is_exact(straight_run, tmp_path):
   straight, resumed = straight_run[0], str(tmp_path / "resumed")
   loop.train_and_evaluate(_config(steps_per_run=3), resumed)  # stops at 3 with a checkpoint
@@ -114,6 +116,7 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
   with pytest.raises(loop.TrainingError, match=r"at step \d"):
     loop.train_and_evaluate(_config(**{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
@@ -134,6 +137,7 @@ def test_bad_configs_fail_before_compiling(tmp_path):
     pretrain_config.get_config("depth=3")
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_pathway_loss_in_training(tmp_path, shared_data):
   """The demo vocabulary is gene symbols, so Hallmark sets map onto it directly."""
   gmt = str(shared_data / "genesets" / "h.all.v7.0.symbols.gmt")
