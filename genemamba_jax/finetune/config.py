@@ -12,6 +12,8 @@ original's protocol: <cls> state, the 3-block MLP head, Adam 1e-4, batch 24,
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from genemamba_jax.errors import DataError
@@ -34,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
       "gene_column": "",  # var column with the vocabulary's gene ids ('' = var index)
       "measurement": "RNA",  # SOMA input: the measurement to read
       "obs_filter": "",  # SOMA input: only cells passing this obs value filter ('' = all)
+      # SOMA input in cloud storage: TileDB settings, KEY=VALUE[,KEY=VALUE...] (e.g.
+      # vfs.s3.region=us-west-2); config.json keeps only the keys, as values may be secrets.
+      "tiledb_config": "",
       "gene_map": "",  # symbol -> vocabulary id table (pkl or TSV), if the ids differ
       "max_len": 0,  # tokens per cell; 0 = the length the backbone was trained on
   })
@@ -116,3 +121,22 @@ def check(c: ml_collections.ConfigDict) -> None:
     raise DataError(f"--config.end_lr_fraction={c.end_lr_fraction} must be in [0, 1]")
   if c.lr <= 0:
     raise DataError(f"--config.lr={c.lr} must be > 0")
+  tiledb_settings(c)  # KEY=VALUE items, or a one-line error
+
+
+def tiledb_settings(c: ml_collections.ConfigDict) -> tuple[tuple[str, str], ...]:
+  """`data.tiledb_config` ("vfs.s3.region=us-west-2,vfs.s3.no_sign_request=true") as
+  (("vfs.s3.region", "us-west-2"), ...)."""
+  items = [item for item in c.data.tiledb_config.split(",") if item.strip()]
+  for item in items:
+    if "=" not in item or not item.partition("=")[0].strip():
+      raise DataError(f"--config.data.tiledb_config: {item!r}; write KEY=VALUE[,KEY=VALUE...], "
+                      "e.g. vfs.s3.region=us-west-2")
+  return tuple((k.strip(), v.strip()) for k, _, v in (item.partition("=") for item in items))
+
+
+def recorded(c: ml_collections.ConfigDict) -> dict:
+  """`c` as config.json holds it: the TileDB settings by key only (values may be credentials)."""
+  out = json.loads(c.to_json_best_effort())
+  out["data"]["tiledb_config"] = ",".join(sorted(key for key, _ in tiledb_settings(c)))
+  return out

@@ -10,7 +10,6 @@ a finished run.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -40,7 +39,8 @@ CONFIG_FILE = "config.json"
 RUN_TIME_KEYS = ("log_every", "write_h5ad")
 # How error messages name the settings inside `finetune` (its flags are config keys).
 OPTION_NAMES = {key: f"--config.data.{key}" for key in ("layer", "gene_column", "gene_map",
-                                                        "max_len", "measurement", "obs_filter")}
+                                                        "max_len", "measurement", "obs_filter",
+                                                        "tiledb_config")}
 
 
 def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -149,7 +149,7 @@ def _claim_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
   if (workdir / "metrics.json").exists():
     raise DataError(f"{workdir}: already holds a fine-tuned run; choose a new --workdir or "
                     "remove it")
-  new = json.loads(c.to_json_best_effort())
+  new = config_lib.recorded(c)
   if (workdir / CONFIG_FILE).is_file():
     saved = files.read_json(workdir / CONFIG_FILE, "choose a new --workdir")
     flat_new, flat_saved = dict(_flatten(new)), dict(_flatten(saved))
@@ -182,8 +182,8 @@ def _read(c: ml_collections.ConfigDict, columns: list[str]
   if soma_reader.is_soma(path):
     # Labelled sets are small: the selected cells are read into an AnnData (its X: the layer).
     experiment = soma_reader.SomaSource(
-        path, layer, gene_column, soma_reader.SomaOptions(c.data.measurement,
-                                                          c.data.obs_filter or None))
+        path, layer, gene_column, soma_reader.SomaOptions(
+            c.data.measurement, c.data.obs_filter or None, config_lib.tiledb_settings(c)))
     if not experiment.n_cells:
       raise DataError(f"{path}: {errors.option('obs_filter')} {c.data.obs_filter!r} selects no "
                       "cells")

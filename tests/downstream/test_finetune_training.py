@@ -186,6 +186,8 @@ def test_the_original_preset_is_the_original_protocol():
     ("--config.class_weights=yes", "--config.class_weights='yes'; use one of auto, balanced"),
     ("--config.backbone_lr_scale=-1", "--config.backbone_lr_scale=-1.0 must be >= 0"),
     ("--config.warmup_fraction=1.5", "--config.warmup_fraction=1.5 must be in [0, 1)"),
+    ("--config.data.tiledb_config=vfs.s3.region", "--config.data.tiledb_config: "
+                                                  "'vfs.s3.region'; write KEY=VALUE"),
 ])
 def test_bad_config_values_are_one_line_errors(flag, expected, tmp_path, capsys):
   status = finetune_cli.main(["--config", os.path.join(ROOT, "configs/finetune.py"),
@@ -194,6 +196,18 @@ def test_bad_config_values_are_one_line_errors(flag, expected, tmp_path, capsys)
   err = capsys.readouterr().err.strip()
   assert status == 2 and len(err.splitlines()) == 1 and expected in err, err
   assert not (tmp_path / "w").exists()
+
+
+def test_config_json_keeps_the_tiledb_setting_keys_but_not_their_values():
+  c = config_lib.default_config()
+  c.data.tiledb_config = "vfs.s3.region=us-west-2, vfs.s3.aws_secret_access_key=SECRET123"
+  assert config_lib.tiledb_settings(c) == (("vfs.s3.region", "us-west-2"),
+                                           ("vfs.s3.aws_secret_access_key", "SECRET123"))
+  recorded = config_lib.recorded(c)
+  assert recorded["data"]["tiledb_config"] == "vfs.s3.aws_secret_access_key,vfs.s3.region"
+  assert "SECRET123" not in json.dumps(recorded)
+  assert {k: v for k, v in recorded.items() if k != "data"} == {
+      k: v for k, v in c.to_dict().items() if k != "data"}
 
 
 def test_an_unknown_preset_is_a_one_line_error(tmp_path, capsys):

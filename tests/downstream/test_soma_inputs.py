@@ -62,7 +62,8 @@ def _config(checkpoint, data, **data_keys):
 def test_finetune_on_the_experiment_equals_finetune_on_the_h5ad(kang, kang_pretrained, tmp_path):
   _, soma, _, stim = kang
   configs = {"h5ad": _config(kang_pretrained, stim),
-             "soma": _config(kang_pretrained, soma, obs_filter=STIM, measurement="RNA")}
+             "soma": _config(kang_pretrained, soma, obs_filter=STIM, measurement="RNA",
+                             tiledb_config="vfs.s3.aws_secret_access_key=SECRET123")}
   # The cells, labels and tokens fine-tuning reads.
   tokenizer = rundir.load_pretrained(kang_pretrained).tokenizer(max_len=64, cls=True)
   read = {}
@@ -89,6 +90,9 @@ def test_finetune_on_the_experiment_equals_finetune_on_the_h5ad(kang, kang_pretr
   data = json.loads((tmp_path / "soma" / "task.json").read_text())["data"]
   assert (data["measurement"], data["x_layer"], data["obs_filter"]) == ("RNA", "raw", STIM)
   assert "measurement" not in json.loads((tmp_path / "h5ad" / "task.json").read_text())["data"]
+  # config.json keeps the TileDB settings' keys, never their values (they may be secrets).
+  saved = (tmp_path / "soma" / "config.json").read_text()
+  assert "vfs.s3.aws_secret_access_key" in saved and "SECRET123" not in saved
 
 
 @pytest.mark.parametrize("key, message", [
