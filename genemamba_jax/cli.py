@@ -325,6 +325,23 @@ class ConfigCommand:
     print("\n".join(describe_keys(config, comments)))
 
 
+RUN_DIRECTORY = "a train/finetune run directory (its latest checkpoint) or checkpoints/<step>"
+CELL_INPUT = ".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder or URI)"
+
+
+def add_model_arguments(parser, checkpoint: str = RUN_DIRECTORY, batch_size: int = 64,
+                        unit: str = "cells", max_len: str | None = "the training length") -> None:
+  """How a command runs a trained model, the same in each: --checkpoint, --batch-size and,
+  unless `max_len` (the default's description) is None, --max-len."""
+  parser.add_argument("--checkpoint", required=True, help=checkpoint)
+  parser.add_argument("--batch-size", type=int, default=batch_size,
+                      help=f"{unit} per forward pass (default {batch_size}); results do not "
+                           "depend on it")
+  if max_len is not None:
+    parser.add_argument("--max-len", type=int, default=None,
+                        help=f"tokens per cell (default: {max_len})")
+
+
 def add_input_arguments(parser, inputs: str = "the input") -> None:
   """The options that say how to read cells from `--input` (and `--reference`/`--query`): gene
   ids, gene map, counts layer and the SOMA options, the same in every command that reads cells."""

@@ -189,18 +189,11 @@ def _run(args: argparse.Namespace) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m genemamba_jax.embed", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True,
-                      help="a train/finetune run directory (latest checkpoint) or checkpoints/<step>")
-  parser.add_argument("--input", required=True,
-                      help=".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder "
-                           "or URI)")
+  cli.add_model_arguments(parser)
+  parser.add_argument("--input", required=True, help=cli.CELL_INPUT)
   parser.add_argument("--output", required=True, help="OUT.h5ad, OUT.npy or OUT.npz")
   parser.add_argument("--pooling", choices=("cls", "mean", "both"), default=None,
                       help="cell representation (default: cls if the model knows <cls>, else mean)")
-  parser.add_argument("--batch-size", type=int, default=64,
-                      help="cells per forward pass (default 64); results do not depend on it")
-  parser.add_argument("--max-len", type=int, default=None,
-                      help="tokens per cell (default: the training length)")
   cli.add_input_arguments(parser)
   parser.add_argument("--genes-output", default=None,
                       help="also write gene embeddings (input table and context means) to this .npz")

@@ -213,12 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m genemamba_jax.label_transfer",
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True,
-                      help="a train/finetune run directory (latest checkpoint) or "
-                           "checkpoints/<step>")
+  cli.add_model_arguments(parser, max_len=None)
   parser.add_argument("--reference", required=True,
-                      help="annotated cells: .h5ad file, 10x folder or 10x .h5, or a SOMA "
-                           "experiment (folder or URI)")
+                      help=f"annotated cells: {cli.CELL_INPUT}")
   parser.add_argument("--label-column", required=True,
                       help="the reference's obs column of labels (empty or NaN: unlabelled)")
   parser.add_argument("--query", required=True,
@@ -232,8 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="label cells whose winning vote share is below this 'unknown' "
                            "(0-1; default: never)")
   cli.add_input_arguments(parser, inputs="both inputs")
-  parser.add_argument("--batch-size", type=int, default=64,
-                      help="cells per forward pass (default 64); results do not depend on it")
   parser.set_defaults(run=_run)
   return parser
 

@@ -311,12 +311,8 @@ def _run(args: argparse.Namespace) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m genemamba_jax.perturb", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True,
-                      help="a train/finetune run directory (latest checkpoint) or "
-                           "checkpoints/<step>")
-  parser.add_argument("--input", required=True,
-                      help=".h5ad file, 10x folder or 10x .h5, or a SOMA experiment (folder "
-                           "or URI)")
+  cli.add_model_arguments(parser, unit="sentences", max_len=None)
+  parser.add_argument("--input", required=True, help=cli.CELL_INPUT)
   parser.add_argument("--genes", required=True,
                       help="genes to perturb, comma-separated, named as the input names them")
   parser.add_argument("--mode", required=True, choices=MODES,
@@ -330,8 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--skip-unknown", action="store_true",
                       help="perturb the genes the vocabulary knows, warn about the others "
                            "(default: an error)")
-  parser.add_argument("--batch-size", type=int, default=64,
-                      help="sentences per forward pass (default 64); results do not depend on it")
   cli.add_input_arguments(parser)
   parser.set_defaults(run=_run)
   return parser

@@ -143,18 +143,14 @@ def _run(args: argparse.Namespace) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m genemamba_jax.predict", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True,
-                      help="a fine-tuned run directory (the --workdir of genemamba_jax.finetune) "
-                           "or one of its checkpoints/<step>")
-  parser.add_argument("--input", required=True, help="cells to label: .h5ad, 10x folder or .h5")
+  cli.add_model_arguments(parser, checkpoint="a fine-tuned run directory (the --workdir of "
+                          "genemamba_jax.finetune) or one of its checkpoints/<step>",
+                          max_len="the fine-tuning length")
+  parser.add_argument("--input", required=True, help=f"cells to label: {cli.CELL_INPUT}")
   parser.add_argument("--output", required=True,
                       help="OUT.csv (obs_name, prediction, confidence) or OUT.h5ad (the input "
                            "with obs genemamba_prediction, genemamba_confidence and obsm "
                            "X_genemamba)")
-  parser.add_argument("--batch-size", type=int, default=64,
-                      help="cells per forward pass (default 64); results do not depend on it")
-  parser.add_argument("--max-len", type=int, default=None,
-                      help="tokens per cell (default: the fine-tuning length)")
   cli.add_input_arguments(parser)
   parser.set_defaults(run=_run)
   return parser

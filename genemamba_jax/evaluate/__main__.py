@@ -145,16 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(run=_integration)
 
   p = sub.add_parser("reconstruction", help="gene rank reconstruction, original and leak-free")
-  p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
-  p.add_argument("--input", required=True,
-                 help=".h5ad / 10x input with the cells, or a SOMA experiment (folder or URI)")
+  cli.add_model_arguments(p, batch_size=32)
+  p.add_argument("--input", required=True, help=cli.CELL_INPUT)
   p.add_argument("--out", required=True, help="folder for reconstruction.csv/.json and the plot")
   p.add_argument("--cells", type=int, default=100,
                  help="random cells to score (the original used 10; <= 0: all)")
   p.add_argument("--seed", type=int, default=0, help="which random cells (default 0)")
-  p.add_argument("--batch-size", type=int, default=32,
-                 help="cells per forward pass (default 32); results do not depend on it")
-  p.add_argument("--max-len", type=int, default=None, help="default: the training length")
   cli.add_input_arguments(p)
   p.set_defaults(run=_reconstruction)
 
