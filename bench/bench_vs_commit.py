@@ -13,6 +13,7 @@ before the move to bench/train_step.py).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import statistics
 import subprocess
@@ -22,8 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results  # noqa: E402
-
-import jax  # noqa: E402,F401  (its version in the machine line)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Train step vs an earlier commit (CPU)"
@@ -87,7 +86,7 @@ def main() -> None:
       f"({here}), each timed in a fresh process ({a.steps} steps after 2 warm-up), the two "
       f"interleaved over {a.rounds} rounds; medians. Spread: the largest max/min - 1 of one "
       "tree's rounds, the noise to read the ratio against.", "",
-      f"- machine: {results.machine()}", "",
+      f"- machine: {results.machine()}, jax {importlib.metadata.version('jax')}", "",
       f"| mixer | {commit} tokens/s | {here} tokens/s | ratio | spread |",
       "|---|---|---|---|---|", *rows])
   print(text)
