@@ -2,8 +2,10 @@
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +42,25 @@ def pytest_unconfigure(config):
   del config
   if _OWN_CACHE:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _default_signal_handlers(request):
+  """Each test starts with Python's Ctrl-C and SIGTERM handlers, whatever came before.
+
+  A shell starts background jobs (`pytest &`, `nohup`) with SIGINT ignored, and the commands the
+  tests start inherit the disposition: their Ctrl-C tests would then see commands that ignore
+  Ctrl-C. A test that leaves other handlers behind (the package must not) is named in a warning.
+  """
+  defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+  for signum, handler in defaults.items():
+    signal.signal(signum, handler)
+  yield
+  for signum, handler in defaults.items():
+    if signal.getsignal(signum) != handler:
+      warnings.warn(f"{request.node.nodeid} left the {signal.Signals(signum).name} handler "
+                    f"{signal.getsignal(signum)!r}", RuntimeWarning)
+      signal.signal(signum, handler)
 
 
 # The shared real-data folder sits beside the project root (../shared/data).
