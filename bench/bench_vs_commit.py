@@ -53,6 +53,7 @@ def main() -> None:
   parser.add_argument("rev", help="the commit to compare with (anything git rev-parse takes)")
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per process (default 5)")
+  parser.add_argument("--mixers", nargs="+", choices=MIXERS, default=list(MIXERS))
   parser.add_argument("--write", action="store_true", help="write the section into RESULTS.md")
   a = parser.parse_args()
   commit = subprocess.run(["git", "rev-parse", "--short", a.rev], cwd=ROOT, capture_output=True,
@@ -64,9 +65,9 @@ def main() -> None:
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(other), commit], cwd=ROOT,
                    check=True)
     try:
-      times = {(tree, mixer): [] for tree in ("before", "now") for mixer in MIXERS}
+      times = {(tree, mixer): [] for tree in ("before", "now") for mixer in a.mixers}
       for round_ in range(a.rounds):
-        for mixer in MIXERS:
+        for mixer in a.mixers:
           for tree, path in (("before", other), ("now", ROOT)):
             times[tree, mixer].append(tokens_per_s(path, mixer, a.steps))
             print(f"round {round_ + 1}, {mixer}, {tree}: {times[tree, mixer][-1]:,.0f} tokens/s",
@@ -74,14 +75,15 @@ def main() -> None:
     finally:
       subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, check=False)
   rows = []
-  for mixer in MIXERS:
+  for mixer in a.mixers:
     before, now = (statistics.median(times[t, mixer]) for t in ("before", "now"))
     spread = max(max(v) / min(v) - 1 for v in (times["before", mixer], times["now", mixer]))
     rows.append(f"| {mixer} | {before:,.0f} | {now:,.0f} | {now / before:.2f}x | "
                 f"{100 * spread:.0f}% |")
   text = "\n".join([
       HEADING, "",
-      f"`python bench/bench_vs_commit.py {a.rev} --rounds {a.rounds} --steps {a.steps}`: the "
+      f"`python bench/bench_vs_commit.py {a.rev} --rounds {a.rounds} --steps {a.steps} "
+      f"--mixers {' '.join(a.mixers)}`: the "
       f"default CPU train step (bench_train_step.py's sizes) of commit {commit} vs this tree "
       f"({here}), each timed in a fresh process ({a.steps} steps after 2 warm-up), the two "
       f"interleaved over {a.rounds} rounds; medians. Spread: the largest max/min - 1 of one "
