@@ -32,7 +32,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests" / "convert"))
 
 HEADING = "## Embedding vs the original PyTorch GeneMamba (CPU, same weights)"
 SHARED = ROOT.parent / "shared" / "data"
@@ -52,15 +51,16 @@ def _memory_mib(field: str) -> float:
 
 def prepare(work: Path, d_model: int, layers: int, seq_len: int, batch: int) -> dict:
   """Original checkpoint -> converted run -> the batch of cells; returns paths and timings."""
-  import torch_genemamba  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tests.convert import torch_genemamba, torch_genemamba_files
   from genemamba_jax import convert, inference  # pylint: disable=g-import-not-at-top
   from genemamba_jax import rundir  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data import genes  # pylint: disable=g-import-not-at-top
   from genemamba_jax.data.readers import open_source  # pylint: disable=g-import-not-at-top
-  tokens = torch_genemamba.geneformer_tokens(SHARED)
+  tokens = torch_genemamba_files.geneformer_tokens(SHARED)
   model = torch_genemamba.randomize_(
       torch_genemamba.OriginalMambaModel(len(tokens), d_model, layers), seed=0)
-  torch_genemamba.save_original_checkpoint(model, work / "original", tokens)
+  torch_genemamba_files.save_original_checkpoint(model, work / "original", tokens)
   t0 = time.perf_counter()
   converted = convert.load_pytorch(work / "original",
                                    median_dictionary=str(GENEFORMER / "gene_median_dictionary.pkl"))
@@ -94,9 +94,9 @@ def run_ours(work: Path, steps: int) -> dict:
 
 def run_torch(work: Path, steps: int, chunk: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  import torch_genemamba  # pylint: disable=g-import-not-at-top
+  from tests.convert import torch_genemamba_files  # pylint: disable=g-import-not-at-top
   cells = np.load(work / "cells.npz")
-  model = torch_genemamba.load_original_checkpoint(work / "original", chunk_size=chunk)
+  model = torch_genemamba_files.load_original_checkpoint(work / "original", chunk_size=chunk)
   ids = torch.as_tensor(cells["tokens"], dtype=torch.long)
   padding = torch.as_tensor(~cells["mask"])
   valid = torch.as_tensor(cells["mask"], dtype=torch.float32)[..., None]

@@ -9,8 +9,6 @@ without them.
 from __future__ import annotations
 
 import json
-import pickle
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +19,13 @@ pytest.importorskip("transformers", reason="the oracle needs transformers (Mamba
 pytest.importorskip("safetensors", reason="the oracle's checkpoints need safetensors")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax
-import jax.numpy as jnp
-from flax import nnx
-from safetensors.numpy import load_file, save_file
 
 from genemamba_jax import convert, inference, rundir
 from genemamba_jax.convert import __main__ as convert_cli
-from genemamba_jax.convert.original_files import ORIGINAL_TOKENIZE
-from genemamba_jax.data import vocab as vocab_lib
-from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import open_source
-from genemamba_jax.model import GeneMamba, GeneMambaConfig
-from genemamba_jax.model.convert import flatten
 from tests.conftest import _require_shared_data
-from tests.convert.torch_genemamba import (
-    MODES, OriginalClassifier, OriginalMambaModel, add_cls_row_, geneformer_tokens,
-    load_classifier, load_original_checkpoint, randomize_, save_classifier,
-    save_original_checkpoint)
+from tests.convert.torch_genemamba import MODES, OriginalMambaModel, randomize_
+from tests.convert.torch_genemamba_files import geneformer_tokens, save_original_checkpoint
 
 D, LAYERS = 64, 2  # 2 Mamba-2 heads of 64
 KANG = "kang_pbmc_ifnb.h5ad"

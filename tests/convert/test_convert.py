@@ -44,9 +44,9 @@ from genemamba_jax.data.readers import open_source
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.convert import flatten
 from tests.conftest import _require_shared_data
-from tests.convert.torch_genemamba import (
-    MODES, OriginalClassifier, add_cls_row_, load_classifier, load_original_checkpoint, randomize_,
-    save_classifier, save_original_checkpoint)
+from tests.convert.torch_genemamba import MODES, OriginalClassifier, add_cls_row_, randomize_
+from tests.convert.torch_genemamba_files import (
+    load_classifier, load_original_checkpoint, save_classifier, save_original_checkpoint)
 from tests.convert.conversions import (  # noqa: F401 (fixtures: the tests' arguments)
     D, KANG, LAYERS, LENGTHS, _assert_close, _batch, _cli, _convert, _medians_path, _json,
     _oracle_forward, _original, _tensors_equal, conversions, eight_cells, kang_cells, tokens)

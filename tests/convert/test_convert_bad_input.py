@@ -25,9 +25,9 @@ from genemamba_jax.convert.original_files import ORIGINAL_TOKENIZE
 from genemamba_jax.data import vocab as vocab_lib
 from genemamba_jax.errors import DataError
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
-from tests.convert.torch_genemamba import (
-    OriginalClassifier, add_cls_row_, load_original_checkpoint, save_classifier,
-    save_original_checkpoint)
+from tests.convert.torch_genemamba import OriginalClassifier, add_cls_row_
+from tests.convert.torch_genemamba_files import (
+    load_original_checkpoint, save_classifier, save_original_checkpoint)
 from tests.convert.conversions import D, _cli, _json, _original
 
 

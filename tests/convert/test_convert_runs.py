@@ -20,7 +20,7 @@ from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import open_source
 from genemamba_jax.model.convert import flatten
 from tests.conftest import _require_shared_data
-from tests.convert.torch_genemamba import load_original_checkpoint
+from tests.convert.torch_genemamba_files import load_original_checkpoint
 from tests.convert.conversions import (  # noqa: F401 (fixtures: the tests' arguments)
     D, KANG, ORIGINAL_PAD, _assert_close, _batch, _json, conversions, kang_subset)
 

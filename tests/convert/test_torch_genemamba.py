@@ -18,8 +18,9 @@ torch = require_parity("torch")
 require_parity("transformers")
 
 from tests.convert.torch_genemamba import (  # pylint: disable=g-import-not-at-top,wrong-import-position
-    CLS_TOKEN, MODES, OriginalClassifier, OriginalMambaModel, add_cls_row_, flip_sc,
-    geneformer_tokens, load_classifier, load_original_checkpoint, randomize_, save_classifier,
+    CLS_TOKEN, MODES, OriginalClassifier, OriginalMambaModel, add_cls_row_, flip_sc, randomize_)
+from tests.convert.torch_genemamba_files import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    geneformer_tokens, load_classifier, load_original_checkpoint, save_classifier,
     save_original_checkpoint, tokenizer_json)
 
 D, LAYERS, LENGTH = 64, 2, 24
