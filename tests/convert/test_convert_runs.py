@@ -21,8 +21,9 @@ from genemamba_jax.data.readers import open_source
 from genemamba_jax.model.convert import flatten
 from tests.conftest import _require_shared_data
 from tests.convert.torch_genemamba_files import load_original_checkpoint
-from tests.convert.conversions import (  # noqa: F401 (fixtures: the tests' arguments)
-    D, KANG, ORIGINAL_PAD, _assert_close, _batch, _json, conversions, kang_subset)
+from tests.convert.conversions import (  # noqa: F401 (fixtures: the tests' arguments, and
+    # those fixtures' own: conversions needs tokens)
+    D, KANG, ORIGINAL_PAD, _assert_close, _batch, _json, conversions, kang_subset, tokens)
 
 
 # --- 4. embed, evaluate and train on a converted run -----------------------------------------
