@@ -30,7 +30,7 @@ from genemamba_jax import progress
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import qc
 from genemamba_jax.data import readers
-from genemamba_jax.data.soma_reader import SomaOptions
+from genemamba_jax.data.soma_reader import SomaOptions, setting_keys
 from genemamba_jax.errors import DataError
 
 
@@ -47,7 +47,7 @@ class InputConfig:
     """The fields as a JSON-ready dict for the files a run writes; of the TileDB settings only
     the keys (values may be credentials, e.g. vfs.s3.aws_secret_access_key)."""
     out = dataclasses.asdict(self)
-    out["soma"]["tiledb_config"] = sorted(key for key, _ in self.soma.tiledb_config)
+    out["soma"]["tiledb_config"] = setting_keys(self.soma.tiledb_config)
     return out
 
 

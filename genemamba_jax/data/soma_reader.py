@@ -277,6 +277,12 @@ def parse_tiledb_config(items: Sequence[str] | None) -> tuple[tuple[str, str], .
   return tuple(out)
 
 
+def setting_keys(tiledb_config: Sequence[tuple[str, str]]) -> list[str]:
+  """What files may record of TileDB settings: their keys, sorted; never the values, which
+  may be credentials (e.g. vfs.s3.aws_secret_access_key)."""
+  return sorted(key for key, _ in tiledb_config)
+
+
 def add_arguments(parser) -> None:
   """The SOMA options of every command that takes `--input` (see `options`)."""
   parser.add_argument("--measurement", default=DEFAULT_MEASUREMENT,

@@ -16,6 +16,7 @@ import json
 
 import ml_collections
 
+from genemamba_jax import errors
 from genemamba_jax.errors import DataError
 
 POOLINGS = ("cls", "mean", "cls_mean")
@@ -126,17 +127,16 @@ def check(c: ml_collections.ConfigDict) -> None:
 
 def tiledb_settings(c: ml_collections.ConfigDict) -> tuple[tuple[str, str], ...]:
   """`data.tiledb_config` ("vfs.s3.region=us-west-2,vfs.s3.no_sign_request=true") as
-  (("vfs.s3.region", "us-west-2"), ...)."""
+  (("vfs.s3.region", "us-west-2"), ...), parsed as every command's --tiledb-config."""
+  from genemamba_jax.data import soma_reader  # pylint: disable=g-import-not-at-top (scipy: slow)
   items = [item for item in c.data.tiledb_config.split(",") if item.strip()]
-  for item in items:
-    if "=" not in item or not item.partition("=")[0].strip():
-      raise DataError(f"--config.data.tiledb_config: {item!r}; write KEY=VALUE[,KEY=VALUE...], "
-                      "e.g. vfs.s3.region=us-west-2")
-  return tuple((k.strip(), v.strip()) for k, _, v in (item.partition("=") for item in items))
+  with errors.option_names(tiledb_config="--config.data.tiledb_config"):
+    return soma_reader.parse_tiledb_config(items)
 
 
 def recorded(c: ml_collections.ConfigDict) -> dict:
   """`c` as config.json holds it: the TileDB settings by key only (values may be credentials)."""
   out = json.loads(c.to_json_best_effort())
-  out["data"]["tiledb_config"] = ",".join(sorted(key for key, _ in tiledb_settings(c)))
+  from genemamba_jax.data import soma_reader  # pylint: disable=g-import-not-at-top (scipy: slow)
+  out["data"]["tiledb_config"] = ",".join(soma_reader.setting_keys(tiledb_settings(c)))
   return out

@@ -186,8 +186,8 @@ def test_the_original_preset_is_the_original_protocol():
     ("--config.class_weights=yes", "--config.class_weights='yes'; use one of auto, balanced"),
     ("--config.backbone_lr_scale=-1", "--config.backbone_lr_scale=-1.0 must be >= 0"),
     ("--config.warmup_fraction=1.5", "--config.warmup_fraction=1.5 must be in [0, 1)"),
-    ("--config.data.tiledb_config=vfs.s3.region", "--config.data.tiledb_config: "
-                                                  "'vfs.s3.region'; write KEY=VALUE"),
+    ("--config.data.tiledb_config=vfs.s3.region", "--config.data.tiledb_config "
+                                                  "'vfs.s3.region': write it KEY=VALUE"),
 ])
 def test_bad_config_values_are_one_line_errors(flag, expected, tmp_path, capsys):
   status = finetune_cli.main(["--config", os.path.join(ROOT, "configs/finetune.py"),
