@@ -63,6 +63,15 @@ def _default_signal_handlers(request):
       signal.signal(signum, handler)
 
 
+def fast_first(names: str, values, n: int = 1, **kwargs):
+  """pytest.mark.parametrize(names, values) with only the first `n` values in the fast tier: the
+  others (the same check on more variants) are marked slow, so `-m "not slow"` keeps one."""
+  several = "," in names
+  return pytest.mark.parametrize(names, [
+      v if i < n else pytest.param(*(v if several else (v,)), marks=pytest.mark.slow)
+      for i, v in enumerate(values)], **kwargs)
+
+
 # The shared real-data folder sits beside the project root (../shared/data).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

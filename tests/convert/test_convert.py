@@ -43,7 +43,7 @@ from genemamba_jax.data import vocab as vocab_lib
 from genemamba_jax.data.readers import open_source
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from genemamba_jax.model.convert import flatten
-from tests.conftest import _require_shared_data
+from tests.conftest import _require_shared_data, fast_first
 from tests.convert.torch_genemamba import MODES, OriginalClassifier, add_cls_row_, randomize_
 from tests.convert.torch_genemamba_files import (
     load_classifier, load_original_checkpoint, save_classifier, save_original_checkpoint)
@@ -71,9 +71,9 @@ def test_converted_run_keeps_the_original_ids_and_tokenizes_as_it_did(conversion
       "mean", "inside", "mixed", "mamba2", LAYERS, D)
 
 
-@pytest.mark.parametrize("padded", [True, False], ids=["padded_with_mask", "full_rows_no_mask"])
-@pytest.mark.parametrize("identity", [False, True], ids=["residual", "identity"])
-@pytest.mark.parametrize("mode", MODES)
+@fast_first("padded", [True, False], ids=["padded_with_mask", "full_rows_no_mask"])
+@fast_first("identity", [False, True], ids=["residual", "identity"])
+@fast_first("mode", MODES)
 def test_hidden_states_and_logits_match_the_original(conversions, eight_cells, mode, identity,
                                                      padded):
   conversion = conversions(mode, identity)
@@ -95,7 +95,7 @@ def test_hidden_states_and_logits_match_the_original(conversions, eight_cells, m
 
 
 @pytest.mark.parametrize("identity", [False, True], ids=["residual", "identity"])
-@pytest.mark.parametrize("mode", MODES)
+@fast_first("mode", MODES)
 def test_original_to_run_to_original_is_bit_exact(conversions, eight_cells, tmp_path, mode,
                                                   identity):
   conversion = conversions(mode, identity)
@@ -134,8 +134,9 @@ def _our_run(tmp: Path, combine: str, residual: str, seed: int) -> Path:
   return convert.write_run(converted, tmp / "run")
 
 
-@pytest.mark.parametrize("combine,residual", [("mean", "around"), ("gate", "inside"),
-                                              ("sum", "identity")])
+@pytest.mark.slow  # over ~10 s on 2 cores
+@pytest.mark.parametrize("combine,residual", [("sum", "identity"), ("mean", "around"),
+                                              ("gate", "inside")])
 def test_our_run_exports_and_the_original_computes_the_same(tmp_path, kang_cells, combine,
                                                             residual):
   run = _our_run(tmp_path, combine, residual, seed=3)
@@ -188,6 +189,7 @@ def _kang_cells_of(loaded, **tokenizer_args):
   return inference.tokenize_all(loaded.tokenizer(**tokenizer_args), source, desc=None)[0]
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_fine_tuned_classifier_matches_the_original_and_exports_back(tmp_path, tokens, capsys,
                                                                      kang_classes):
   from genemamba_jax.finetune import predict  # pylint: disable=g-import-not-at-top
@@ -241,6 +243,7 @@ def test_fine_tuned_classifier_matches_the_original_and_exports_back(tmp_path, t
     assert np.array_equal(torch.softmax(head(torch.from_numpy(again[:, 0])), -1).numpy(), theirs)
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 def test_add_tokens_appends_rows_at_the_mean_gene_row(conversions, eight_cells):
   loaded = conversions("gate", False).loaded
   grown = rundir.add_tokens(loaded, [vocab_lib.CLS])
@@ -263,6 +266,7 @@ def test_add_tokens_appends_rows_at_the_mean_gene_row(conversions, eight_cells):
   assert np.array_equal(np.asarray(after.logits)[..., :25_426], np.asarray(before.logits))
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_converted_pretrained_checkpoint_fine_tunes_and_exports(conversions, tmp_path,
                                                                 kang_classes):
   from genemamba_jax.finetune import predict, run  # pylint: disable=g-import-not-at-top

@@ -29,6 +29,7 @@ from tests.convert.conversions import (  # noqa: F401 (fixtures: the tests' argu
 # --- 4. embed, evaluate and train on a converted run -----------------------------------------
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_embed_cli_gives_the_original_mean_state(conversions, kang_subset, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top

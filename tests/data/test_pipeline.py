@@ -172,6 +172,7 @@ def test_resume_in_process(dataset):
   _assert_same(_take(fresh, 7), reference[9:])
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_resume_with_worker_processes(dataset):
   data_dir, _ = dataset
   reference = _take(iter(pipeline.make_dataset(data_dir, _config())), 10)

@@ -95,6 +95,7 @@ def test_rerun_skips_finished_shards_and_redoes_unfinished(capsys, tmp_path, cou
   assert status == 2 and "other settings (differing: tokenize)" in err
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_workers_give_the_same_dataset(capsys, tmp_path, counts_file, vocab_dir):
   assert tokenize(capsys, counts_file, vocab_dir, tmp_path / "a", "--cells-per-shard", 30)[0] == 0
   assert tokenize(capsys, counts_file, vocab_dir, tmp_path / "b", "--cells-per-shard", 30,
@@ -104,6 +105,7 @@ def test_workers_give_the_same_dataset(capsys, tmp_path, counts_file, vocab_dir)
   assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 def test_medians_vocab_dir_and_merge(capsys, tmp_path, shared_data):
   kang = shared_data / "kang_pbmc_ifnb.h5ad"
   status, out, err = run(capsys, "medians", "--input", kang, "--out", tmp_path / "v",

@@ -156,6 +156,7 @@ def test_bad_inputs_name_the_field(kang_pretrained, kang_with_partition, tmp_pat
                   tmp_path / "d")
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 def test_cli_one_line_error(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "genemamba_jax.finetune", "--config", "configs/finetune.py",

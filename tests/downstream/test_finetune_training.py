@@ -243,6 +243,16 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(kang_pretrained, kang
   assert not (tmp_path / "w" / "metrics.json").exists()
   saved = rundir.finished_steps(tmp_path / "w" / trainer.TRAIN_STATE)
   assert len(saved) == 1 and 0 < saved[0] < 40
+  # The unfinished run with another setting: refused in one line before anything is written.
+  before = {f: f.read_bytes() for f in (tmp_path / "w").rglob("*") if f.is_file()}
+  changed = subprocess.run(argv + ["--config.lr=0.002"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, check=False)
+  assert changed.returncode == 2, changed.stderr[-2000:]
+  assert changed.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'w'}: holds an unfinished fine-tuning run with other settings "
+      "(lr 0.003 -> 0.002); resume it with its own settings (its config.json), or choose a new "
+      "--workdir"], changed.stderr
+  assert {f: f.read_bytes() for f in (tmp_path / "w").rglob("*") if f.is_file()} == before
   resumed = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f"resumed from step {saved[0]}" in resumed.stderr
@@ -251,6 +261,6 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(kang_pretrained, kang
   a = rundir.restore_params(rundir.resolve_checkpoint(tmp_path / "w").step_dir)
   b = rundir.restore_params(rundir.resolve_checkpoint(tmp_path / "ref").step_dir)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  # A finished run is not resumed again; another setting on an unfinished one is refused.
+  # A finished run is not resumed again.
   again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert again.returncode == 2 and "already holds a fine-tuned run" in again.stderr

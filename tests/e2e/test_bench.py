@@ -16,7 +16,7 @@ import pytest
 from genemamba_jax.model import GeneMambaConfig
 from genemamba_jax.model import config as model_config
 from genemamba_jax.train import objectives
-from tests.conftest import require_parity
+from tests.conftest import fast_first, require_parity
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--d-model", "32", "--seq-len", "64", "--batch", "2", "--vocab", "100"]
@@ -92,7 +92,7 @@ def _options(help_text: str) -> dict[str, str]:
   return out
 
 
-@pytest.mark.parametrize("subcommand", SUBCOMMANDS)
+@fast_first("subcommand", SUBCOMMANDS)
 def test_every_option_has_help_and_the_package_values(subcommand):
   proc = bench(subcommand, "--help", timeout=60)
   assert proc.returncode == 0, proc.stderr

@@ -146,6 +146,7 @@ def test_5_prepare_tokenize_failure_leaves_no_out_dir(tmp_path, capsys):
 # --- errors that say what to do ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_6_misspelt_config_path_and_help(tmp_path):
   line = one_error_line(command("genemamba_jax.train", "--config", "configs/dmeo.py",
                                 "--workdir", tmp_path))
@@ -155,6 +156,7 @@ def test_6_misspelt_config_path_and_help(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_7_a_wrong_nested_key_gets_the_keys_of_its_section(tmp_path):
   line = one_error_line(command("genemamba_jax.train", "--config", "configs/demo.py", "--workdir",
                                 tmp_path, "--config.optimizer.learnin_rate=1"))
@@ -223,6 +225,13 @@ def test_10_the_command_reference_names_the_sources():
     assert source in readme
 
 
+def test_10_examples_use_no_path_a_user_does_not_have():
+  # ../shared/data is the project's test data; users have the files under their public names.
+  for doc in (ROOT / "README.md", ROOT / "docs" / "commands.md"):
+    for block in doc.read_text().split("```")[1::2]:
+      assert "shared/data" not in block, (doc.name, block[:200])
+
+
 @pytest.mark.slow
 def test_12_train_says_how_to_get_tensorboard(finished_run, env):
   result = train(finished_run, "--config.num_steps=6", env=env)
@@ -230,6 +239,7 @@ def test_12_train_says_how_to_get_tensorboard(finished_run, env):
   assert "pip install tensorboard" in result.stdout
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 def test_13_help_lists_every_config_key():
   from genemamba_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   text = command("genemamba_jax.train", "--help").stdout
@@ -293,6 +303,26 @@ def test_15_torch_is_not_in_the_test_extra_and_parity_tests_say_how_to_get_it(mo
   monkeypatch.setenv("CI", "true")
   with pytest.raises(pytest.fail.Exception, match="no_such_package_here"):
     require_parity("no_such_package_here")
+
+
+def test_20_what_to_expect_from_the_demo_is_beside_the_commands_and_its_figures_exist():
+  commands = (ROOT / "docs" / "commands.md").read_text()
+  expect = commands.index("**What to expect from the demo model, and why.**")
+  assert expect < commands.index("### `finetune`") < commands.index("### `evaluate`")
+  paragraph = commands[expect:commands.index("### `finetune`")]
+  for command_name, baseline in [("finetune", "logistic regression"), ("integration", "PCA"),
+                                 ("reconstruction", "dataset_order"), ("gene-pairs", "random")]:
+    assert command_name in paragraph and baseline in paragraph, command_name
+  # Its figures live in RESULTS, in the section the paragraph links to, one row per command.
+  assert "../bench/RESULTS.md#the-demo-model-on-the-worked-examples" in paragraph
+  results = (ROOT / "bench" / "RESULTS.md").read_text()
+  section = results.split("## The demo model on the worked examples\n")[1].split("\n## ")[0]
+  rows = [line for line in section.splitlines() if line.startswith("| `")]
+  assert [row.split("`")[1] for row in rows] == [
+      "finetune", "embed", "evaluate integration", "evaluate reconstruction",
+      "evaluate gene-pairs"]
+  assert ('"What to expect" in [docs/commands.md](docs/commands.md#after-pretraining-finetune-embed'
+          in (ROOT / "README.md").read_text())
 
 
 # --- small things ------------------------------------------------------------------------------

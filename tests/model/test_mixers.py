@@ -17,7 +17,7 @@ from genemamba_jax.model.config import GeneMambaConfig
 from genemamba_jax.model.convert import load_mixer_state_dict, mixer_state_dict
 from genemamba_jax.model.layers import AXIS_NAMES, unfused_copy
 from genemamba_jax.model.mixers import Mamba1Mixer, Mamba2Mixer
-from tests.conftest import require_parity
+from tests.conftest import fast_first, require_parity
 
 BACKENDS = ("sequential", "associative", "chunked")
 BATCH, LENGTH = 2, 64
@@ -102,7 +102,7 @@ def _check_parity(torch, modules, config, backend):
     assert np.abs(want_out).max() > 1e-2 and np.abs(want_grad).max() > 1e-2  # not vacuous
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@fast_first("backend", BACKENDS[::-1])  # chunked: the default
 def test_mamba1_matches_transformers_and_mambapy(backend):
   torch = _torch()
   require_parity("transformers")
@@ -126,7 +126,7 @@ def test_mamba1_matches_transformers_and_mambapy(backend):
   _check_parity(torch, [module, block], M1, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@fast_first("backend", BACKENDS[::-1])
 def test_mamba2_matches_transformers(backend):
   torch = _torch()
   require_parity("transformers")

@@ -11,6 +11,7 @@ from flax import nnx
 from genemamba_jax.model import GeneMamba, GeneMambaConfig, count_params
 from genemamba_jax.model.bimamba import reverse_valid_index, take_positions
 from genemamba_jax.model.genemamba import cell_embedding
+from tests.conftest import fast_first
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -28,6 +29,7 @@ def test_count_params_matches_paper_table5(layers, d, exact, millions):
   assert round((exact - layers * 3 * config.nheads) / 1e6, 2) == millions
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 def test_count_params_of_the_original_layer_and_equals_allocated():
   base = GeneMambaConfig(n_layers=1)
   # One Mamba-2 layer at d=512 has 1,653,424 parameters (the original's layer).
@@ -56,9 +58,9 @@ def _small(**kw):
   return GeneMambaConfig(**base)
 
 
-@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
-@pytest.mark.parametrize("combine, shared", [("mean", False), ("sum", False), ("concat", False),
-                                             ("gate", False), ("gate", True)])
+@fast_first("mixer", ["mamba2", "mamba1"])
+@fast_first("combine, shared", [("mean", False), ("sum", False), ("concat", False),
+                                ("gate", False), ("gate", True)])
 def test_padding_invariance(mixer, combine, shared):
   config = _small(mixer=mixer, combine=combine, shared_combine=shared, prenorm=combine == "sum")
   model = GeneMamba(config, rngs=nnx.Rngs(1))
@@ -90,7 +92,8 @@ def test_both_directions_are_used():
   np.testing.assert_array_equal(cell_embedding(a, tokens != 0, "cls"), a[:, 0])
 
 
-@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+@pytest.mark.slow  # over ~5 s on 2 cores
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
 def test_bf16_compute_matches_fp32(mixer):
   config = _small(mixer=mixer, n_layers=2, scan_backend="associative")
   model32 = GeneMamba(config, rngs=nnx.Rngs(3))
@@ -119,6 +122,7 @@ def test_bf16_compute_matches_fp32(mixer):
   assert f32_state, "the scan state should appear, in float32"
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 def test_every_parameter_has_logical_axis_names():
   for mixer in ("mamba1", "mamba2"):
     model = GeneMamba(_small(mixer=mixer, combine="gate", prenorm=True), rngs=nnx.Rngs(0))
@@ -129,6 +133,7 @@ def test_every_parameter_has_logical_axis_names():
         assert names[0] == "layers", path
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_scan_backends_agree_on_the_model():
   tokens = jnp.asarray(np.random.default_rng(0).integers(4, 40, (2, 70)), jnp.int32)
   for mixer in ("mamba1", "mamba2"):
@@ -138,6 +143,7 @@ def test_scan_backends_agree_on_the_model():
       np.testing.assert_allclose(out, outs[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_remat_and_tied_embeddings_run_and_differentiate():
   config = _small(remat=True, tie_embeddings=True)
   model = GeneMamba(config, rngs=nnx.Rngs(0))

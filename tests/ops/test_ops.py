@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from genemamba_jax.ops import BACKENDS, selective_scan, ssd
+from tests.conftest import fast_first
 
 # The package re-exports the functions under the submodules' names, so the
 # module itself comes from importlib.
@@ -82,7 +83,7 @@ def _check_against_sequential(op, inputs, chunk_size):
                                  err_msg=f"{backend} d{name}")
 
 
-@pytest.mark.parametrize("case", MAMBA1_CASES)
+@fast_first("case", MAMBA1_CASES)
 def test_selective_scan_backends_agree(case):
   b, length, d, n, chunk = case
   _check_against_sequential(selective_scan, mamba1_inputs(0, b, length, d, n),
@@ -110,7 +111,7 @@ def test_selective_scan_chunked_inner_variants():
                                  err_msg=f"{inner} d{name}")
 
 
-@pytest.mark.parametrize("case", MAMBA2_CASES)
+@fast_first("case", MAMBA2_CASES)
 def test_ssd_backends_agree(case):
   b, length, h, p, g, n, chunk = case
   _check_against_sequential(ssd, mamba2_inputs(1, b, length, h, p, g, n), chunk)
@@ -265,6 +266,7 @@ def _grad_temp_bytes(fn, shapes):
   return grad.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 @pytest.mark.parametrize("op", ["selective_scan", "ssd"])
 def test_chunked_memory_does_not_hold_full_state(op):
   """fwd+bwd temp memory: associative holds several [b, L, d, N] tensors;

@@ -12,6 +12,7 @@ import pytest
 from genemamba_jax.ops import pallas_scan
 from genemamba_jax.ops.selective_scan import selective_scan_ref
 from tests import oracles
+from tests.conftest import fast_first
 
 ARG_NAMES = ("x", "dt", "A", "B", "C")
 # Interpret mode is XLA:CPU compile bound; -O0 roughly halves compile time
@@ -37,7 +38,7 @@ def _value_and_grads(scan, inputs, w):
   return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
 
 
-@pytest.mark.parametrize("b,length,d,n,chunk,block_d", CASES)
+@fast_first("b,length,d,n,chunk,block_d", CASES)
 def test_matches_sequential(b, length, d, n, chunk, block_d):
   inputs = oracles.selective_scan_inputs(0, b, length, d, n)
   # A random cotangent exercises every output element.

@@ -47,6 +47,7 @@ def _inputs(key, b=2, length=19, d=12, n=16):
   return x, dt, a, jax.random.normal(ks[3], (b, length, n)), jax.random.normal(ks[4], (b, length, n))
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_auto_is_the_numba_kernel_on_cpu_and_pallas_falls_back_with_a_logged_reason(caplog):
   args = _inputs(jax.random.key(0))
   np.testing.assert_array_equal(selective_scan(*args, backend="auto", chunk_size=8),
@@ -60,6 +61,7 @@ def test_auto_is_the_numba_kernel_on_cpu_and_pallas_falls_back_with_a_logged_rea
   assert "using chunked" in caplog.text
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 def test_numba_off_cpu_falls_back_to_chunked_with_a_logged_reason(caplog, monkeypatch):
   args = _inputs(jax.random.key(2))
   chunked = selective_scan(*args, backend="chunked", chunk_size=8)
@@ -74,6 +76,7 @@ def test_numba_off_cpu_falls_back_to_chunked_with_a_logged_reason(caplog, monkey
   assert "using chunked" in caplog.text
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores
 def test_mamba2_auto_is_the_chunked_ssd():
   ks = jax.random.split(jax.random.key(3), 5)
   x = jax.random.normal(ks[0], (1, 17, 4, 8))

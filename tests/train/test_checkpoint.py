@@ -62,6 +62,7 @@ def _run(step, state, it, n):
   return state, batches
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_resume_is_exact(data_dir, setup, tmp_path):
   init, step, abstract, shardings = setup
   straight, batches = _run(step, init(0), iter(pipeline.make_dataset(data_dir, PIPE)), 6)

@@ -224,6 +224,7 @@ def test_load_gene_pairs_errors(tmp_path):
     coexpression.load_gene_pairs([tmp_path / "a", tmp_path / "b"], vocab, labels=["x"])
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_load_gene_pairs_real_geneformer(shared_data, tmp_path, caplog):
   folder = shared_data / "geneformer_30m"
   vocab, _ = import_geneformer(folder / "token_dictionary.pkl",
@@ -256,6 +257,7 @@ def test_load_gene_pairs_real_geneformer(shared_data, tmp_path, caplog):
     assert np.unpackbits(np.asarray(table).view(np.uint8)).sum() == len(kept)
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_loss_fn_adds_both_auxiliary_losses():
   config = GeneMambaConfig(vocab_size=V, d_model=16, n_layers=1, d_state=8, mixer="mamba1",
                            scan_backend="sequential", streams="separate")

@@ -175,6 +175,7 @@ def test_load_gene_sets_real_geneformer_and_symbols(shared_data, tmp_path):
   assert names == list(hallmark) and membership.sum() == sum(map(len, hallmark.values()))
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_both_losses_decrease_when_overfitting():
   """30 Adam steps of next_gene + pathway on one batch: the pathway gradient reaches the model."""
   config = GeneMambaConfig(vocab_size=40, d_model=16, n_layers=2, d_state=8, mixer="mamba1",

@@ -152,6 +152,7 @@ def test_sharded_step_equals_one_device(eight_devices, mesh):
   assert len(result["param_diff"]) == 12
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_sharded_layouts(eight_devices):
   """The parameters really were split (per-device shard shapes), with the fallback."""
   layout = {mesh: r["layout"] for mesh, r in eight_devices["meshes"].items()}

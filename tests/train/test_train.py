@@ -100,6 +100,7 @@ def _restore_params(workdir):
     return ckptr.restore(path)["params"]
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   calls = {"n": 0}
