@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from genemamba_jax import cli
@@ -87,7 +88,7 @@ def _medians(a: argparse.Namespace) -> list[str]:
                                                       a.dask_scheduler)
   return (jobs.summary_lines(_counter(info["summary"]), info["summary"]["genes_matched"])
           + [f"vocabulary: {len(vocab):,} tokens ({len(meds):,} genes with a median)",
-             f"written: {a.out}/vocab.json, medians.json, digests.json"])
+             f"written: {Path(a.out) / 'vocab.json'}, medians.json, digests.json"])
 
 
 def _counter(summary: dict):

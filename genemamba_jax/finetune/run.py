@@ -57,6 +57,8 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
 
 def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
+  _check_workdir(workdir, c)  # before the work: a refused workdir is refused at once
+
   # --- the pretrained backbone, with a trained-looking <cls>
   base = rundir.load_pretrained(c.init_checkpoint)
   if base.vocab.cls_id is None:  # e.g. a converted original checkpoint: append the row
@@ -144,15 +146,14 @@ def _finetune(c: ml_collections.ConfigDict, workdir: Path) -> dict:
   return metrics
 
 
-def _claim_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
-  """Creates the workdir with config.json, or checks the unfinished run there has `c`'s settings."""
+def _check_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
+  """Raises DataError unless `workdir` is new, empty, or an unfinished run with `c`'s settings."""
   if (workdir / "metrics.json").exists():
     raise DataError(f"{workdir}: already holds a fine-tuned run; choose a new --workdir or "
                     "remove it")
-  new = config_lib.recorded(c)
   if (workdir / CONFIG_FILE).is_file():
     saved = files.read_json(workdir / CONFIG_FILE, "choose a new --workdir")
-    flat_new, flat_saved = dict(_flatten(new)), dict(_flatten(saved))
+    flat_new, flat_saved = dict(_flatten(config_lib.recorded(c))), dict(_flatten(saved))
     differences = [f"{k} {flat_saved.get(k)!r} -> {flat_new.get(k)!r}"
                    for k in sorted(set(flat_new) | set(flat_saved))
                    if k not in RUN_TIME_KEYS and flat_new.get(k) != flat_saved.get(k)]
@@ -162,8 +163,13 @@ def _claim_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
                       "config.json), or choose a new --workdir")
   elif workdir.exists() and any(workdir.iterdir()):
     raise DataError(f"{workdir}: exists and is not empty; choose a new --workdir or remove it")
+
+
+def _claim_workdir(workdir: Path, c: ml_collections.ConfigDict) -> None:
+  """Creates the workdir with config.json, or checks the unfinished run there has `c`'s settings."""
+  _check_workdir(workdir, c)  # again: another process may have claimed it meanwhile
   workdir.mkdir(parents=True, exist_ok=True)
-  files.write_json_atomic(workdir / CONFIG_FILE, new)
+  files.write_json_atomic(workdir / CONFIG_FILE, config_lib.recorded(c))
 
 
 def _flatten(tree, prefix: str = ""):
