@@ -25,6 +25,7 @@ from genemamba_jax.convert.original_files import ORIGINAL_TOKENIZE
 from genemamba_jax.data import vocab as vocab_lib
 from genemamba_jax.errors import DataError
 from genemamba_jax.model import GeneMamba, GeneMambaConfig
+from tests.conftest import fast_first
 from tests.convert.torch_genemamba import OriginalClassifier, add_cls_row_
 from tests.convert.torch_genemamba_files import (
     load_original_checkpoint, save_classifier, save_original_checkpoint)
@@ -223,7 +224,8 @@ def _tiny_run(tmp, **config):
       config, vocab, {g: 1.0 for g in FAKE_GENES}, dict(ORIGINAL_TOKENIZE), params, {}), tmp)
 
 
-@pytest.mark.parametrize("setting,message", [
+@fast_first("setting,message", [
+    (dict(d_state=16), "model setting d_state=16"),
     (dict(mixer="mamba1"), "model setting mixer='mamba1': the original's layers are mamba_ssm "
                            "Mamba2 with mixer='mamba2'; it cannot be exported"),
     (dict(combine="gate", shared_combine=False), r"per-layer gate weights \(shared_combine=False"),
@@ -233,9 +235,8 @@ def _tiny_run(tmp, **config):
     (dict(streams="separate"), "model setting streams='separate'"),
     (dict(combine="gate", shared_combine=True, residual="around"),
      r"residual='around' with combine=gate \(the original computes combine\(x \+ f, x \+ b\)\)"),
-    (dict(d_state=16), "model setting d_state=16"),
-], ids=["mamba1", "per_layer_gate", "per_layer_concat", "prenorm", "tie_embeddings",
-        "separate_streams", "residual_around_gate", "d_state"])
+], ids=["d_state", "mamba1", "per_layer_gate", "per_layer_concat", "prenorm", "tie_embeddings",
+        "separate_streams", "residual_around_gate"])
 def test_to_pytorch_refuses_what_the_original_cannot_express(tmp_path, capsys, setting, message):
   run = _tiny_run(tmp_path / "run", **setting)
   outs = tmp_path / "outs"

@@ -68,6 +68,21 @@ def test_1_data_path_wins_over_the_demo_config(tmp_path, env):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # tokenizes Kang and trains 4 steps on it
+def test_1_the_given_data_path_is_what_trains(tmp_path, env, shared_data):
+  kang, vocab, tokens = shared_data / "kang_pbmc_ifnb.h5ad", tmp_path / "vocab", tmp_path / "tokens"
+  assert prepare.main(["medians", "--input", str(kang), "--out", str(vocab)]) == 0
+  assert prepare.main(["tokenize", "--input", str(kang), "--vocab", str(vocab), "--out",
+                       str(tokens)]) == 0
+  result = train(tmp_path / "run", f"--config.data.path={tokens}", env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # The run holds Kang's vocabulary, not the demo's.
+  trained = json.loads((tmp_path / "run" / "vocab" / "vocab.json").read_text())
+  assert trained == json.loads((vocab / "vocab.json").read_text())
+  assert json.loads((tmp_path / "run" / "model.json").read_text())["vocab_size"] >= len(trained)
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["path"] == str(tokens)
+
+
 @pytest.mark.slow
 def test_2_a_changed_model_is_refused_before_anything_is_written(finished_run, env):
   before = {p.name: p.read_bytes() for p in finished_run.glob("*.json")}

@@ -93,3 +93,26 @@ def test_walkthrough_runs_as_written(demo_run, tmp_path):
     assert (ROOT / "docs" / "walkthrough" / f"{name}.png").is_file()  # the committed figure
     written = tmp_path / "docs" / "walkthrough" / f"{name}.png"
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # the demo run and its fine-tuned run (session fixtures)
+def test_from_python_runs_as_written(demo_run, demo_finetuned, tmp_path):
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "demo").symlink_to(demo_run, target_is_directory=True)
+  (tmp_path / "runs" / "finetune").symlink_to(demo_finetuned, target_is_directory=True)
+  checks = """
+import json
+d_model = json.load(open("runs/demo/model.json"))["d_model"]
+assert X.shape == (700, d_model) and adata.obsm["X_genemamba"].shape == X.shape
+assert len(genes) == len(model.run.vocab.gene_ids)
+assert list(pred.index) == list(adata.obs_names) and {"prediction", "confidence"} <= set(pred)
+assert list(labels.index) == list(query.obs_names)
+assert set(shifts["gene"]) == {"LYZ", "CST3"} and len(shifts) == 2 * 700
+print("from python: ok")
+"""
+  script = tmp_path / "from_python.py"
+  script.write_text(code_block("## From Python") + checks, encoding="utf-8")
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "from python: ok" in result.stdout
