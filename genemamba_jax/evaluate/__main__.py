@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="principal components of the PCA and Harmony baselines (default 50)")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of k-means, the neighbour graph and UMAP (default 0)")
-  p.add_argument("--no-plots", action="store_true", help="skip the UMAP PNGs")
+  p.add_argument("--no-plots", action="store_true", help="skip umap.png (the methods' UMAPs side by side)")
   soma_reader.add_arguments(p)
   p.set_defaults(run=_integration)
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--input", required=True, help=cli.CELL_INPUT)
   p.add_argument("--out", required=True, help="folder for reconstruction.csv/.json and the plot")
   p.add_argument("--cells", type=int, default=100,
-                 help="random cells to score (the original used 10; <= 0: all)")
+                 help="random cells to score (default 100; the original used 10; <= 0: all)")
   p.add_argument("--seed", type=int, default=0, help="which random cells (default 0)")
   cli.add_input_arguments(p)
   p.set_defaults(run=_reconstruction)
@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", default=None, help="use its input embedding table")
   p.add_argument("--genes", default=None, help="or an .npz from `embed --genes-output`")
   p.add_argument("--which", choices=("input", "context"), default="input",
-                 help="with --genes: the input table or the context-averaged states")
+                 help="with --genes: the input table or the context-averaged states "
+                      "(default input)")
   p.add_argument("--pairs", required=True, help="folder with {split}_text.txt / _label.txt")
   p.add_argument("--split", default="test", choices=("train", "valid", "test"),
                  help="which pair files, {split}_text.txt / {split}_label.txt (default test)")

@@ -276,19 +276,26 @@ def _actions(parser):
       for name, sub in action.choices.items():
         yield from ((f"{name} {a}", h) for a, h in _actions(sub))
     elif action.option_strings and action.dest != "help":
-      yield action.option_strings[-1], action.help
+      yield action.option_strings[-1], action
 
 
-def test_13_every_option_of_every_command_has_help():
+def test_13_every_option_of_every_command_has_help_and_its_default():
   # bench/train_step.py's options: tests/e2e/test_bench.py, from its --help in a subprocess.
-  from genemamba_jax import embed  # pylint: disable=g-import-not-at-top
+  import argparse  # pylint: disable=g-import-not-at-top
+  from genemamba_jax import embed, label_transfer, perturb, predict  # pylint: disable=all
   from genemamba_jax.convert import __main__ as convert_main  # pylint: disable=g-import-not-at-top
   from genemamba_jax.evaluate import __main__ as evaluate_main  # pylint: disable=g-import-not-at-top
   parsers = {"prepare": prepare.build_parser(), "embed": embed.build_parser(),
-             "evaluate": evaluate_main.build_parser(), "convert": convert_main.build_parser()}
-  missing = [f"{name} {flag}" for name, parser in parsers.items()
-             for flag, text in _actions(parser) if not text]
-  assert missing == []
+             "predict": predict.build_parser(), "label_transfer": label_transfer.build_parser(),
+             "perturb": perturb.build_parser(), "evaluate": evaluate_main.build_parser(),
+             "convert": convert_main.build_parser()}
+  actions = [(f"{name} {flag}", action) for name, parser in parsers.items()
+             for flag, action in _actions(parser)]
+  assert [flag for flag, action in actions if not action.help] == []
+  # An option that has a value when it is not given says which.
+  assert [flag for flag, action in actions
+          if action.default not in (None, False, argparse.SUPPRESS)
+          and "default" not in action.help] == []
 
 
 def test_13_prepare_subcommands_have_a_description():
