@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="principal components of the PCA and Harmony baselines (default 50)")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of k-means, the neighbour graph and UMAP (default 0)")
-  p.add_argument("--no-plots", action="store_true", help="skip umap.png (the methods' UMAPs side by side)")
+  p.add_argument("--no-plots", action="store_true",
+                 help="skip umap.png (the methods' UMAPs side by side)")
   soma_reader.add_arguments(p)
   p.set_defaults(run=_integration)
 
