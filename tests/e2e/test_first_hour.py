@@ -350,6 +350,17 @@ def test_20_what_to_expect_from_the_demo_is_beside_the_commands_and_its_figures_
 # --- small things ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a 1-step demo training run
+def test_21_train_says_where_the_demo_data_is_cached(tmp_path):
+  cache = tmp_path / "cache"
+  env = dict(os.environ, GENEMAMBA_CACHE=str(cache))
+  # (Its line when reused: tests/e2e/test_demo.py, through `prepare demo`.)
+  result = train(tmp_path / "run", "--config.num_steps=1", env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stderr.splitlines() if l.startswith("demo data: ")][0]
+  assert "preparing" in line and str(cache.resolve() / "demo_data") in line, line
+
+
 def test_21_load_classifier_gives_the_classifier_back():
   from genemamba_jax.finetune import Classifier, load_classifier, predict  # pylint: disable=all
   assert load_classifier is predict.load_classifier and Classifier is predict.Classifier
