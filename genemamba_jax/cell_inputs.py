@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from genemamba_jax import rundir
-from genemamba_jax.files import atomic_paths
+from genemamba_jax.files import atomic_paths, write_h5ad
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.errors import DataError
 from genemamba_jax.data.readers import AnnDataSource, CountSource, open_source
@@ -132,4 +132,4 @@ def write_obs_columns(input_path: str | os.PathLike, obs_names: np.ndarray,
   for name, matrix in (obsm or {}).items():
     adata.obsm[name] = matrix
   with atomic_paths([output]) as (tmp,):
-    adata.write_h5ad(tmp)
+    write_h5ad(adata, tmp)

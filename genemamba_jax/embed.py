@@ -28,7 +28,7 @@ import numpy as np
 
 from genemamba_jax import cli, inference
 from genemamba_jax import rundir
-from genemamba_jax.files import atomic_paths
+from genemamba_jax.files import atomic_paths, write_h5ad
 from genemamba_jax.data import genes as genes_lib
 from genemamba_jax.data import soma_reader
 from genemamba_jax.errors import DataError
@@ -136,7 +136,7 @@ def _write_cells(result: EmbedResult, suffix: str, tmp: Path, input_path, layer_
       adata.obsm[OBSM_KEY if i == 0 else f"{OBSM_KEY}_{pooling}"] = matrix
     adata.uns["genemamba"] = {"pooling": first, "poolings": list(result.cells),
                               "note": layer_note}
-    adata.write_h5ad(tmp)
+    write_h5ad(adata, tmp)
 
 
 def _genes_path(path: str | os.PathLike) -> Path:

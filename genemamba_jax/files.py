@@ -4,7 +4,7 @@ Readers of `path` see either the old file or the complete new one, never a
 half-written file, and a writer that fails leaves no file behind:
 
   with atomic_path(out_dir / "cells.h5ad") as tmp:
-    adata.write_h5ad(tmp)
+    write_h5ad(adata, tmp)  # (a full disk: an OSError, see write_h5ad)
 
 An output made of several files is written with `atomic_paths`: all of them
 are renamed into place when the block succeeds, none when it fails.
@@ -247,3 +247,64 @@ def read_json(path: str | Path, hint: str) -> Any:
       return json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DataError(f"{path}: cannot read it as JSON ({e}); {hint}") from None
+
+
+# Outputs up to this size are built in memory first (see write_h5ad); larger ones would double
+# the memory a command needs, so they are written directly once the disk is known to have room.
+_H5AD_IN_MEMORY_BYTES = 1 << 30
+
+
+def write_h5ad(adata, path: str | os.PathLike) -> None:
+  """Writes AnnData `adata` as an .h5ad file at `path` (a temporary path of `atomic_path`).
+
+  HDF5 copes badly with a disk that fills under it: errors when its objects are collected,
+  then a crash at exit. So the file is built in memory (what `adata.write_h5ad` writes, through
+  anndata's `write_elem`) and written with ordinary writes, where a full disk is an OSError
+  like any other. An output over 1 GiB is written by anndata directly, after checking that the
+  disk has room for it (a disk that fills during that write can still crash the process).
+  """
+  import anndata  # pylint: disable=g-import-not-at-top
+  size = _h5ad_size(adata)
+  if size > _H5AD_IN_MEMORY_BYTES:
+    free = shutil.disk_usage(Path(path).parent).free
+    if free < size:
+      raise OSError(28, f"{os.strerror(28)}: {size >> 20:,} MiB needed, {free >> 20:,} MiB "
+                    "free", str(path))
+    adata.write_h5ad(path)
+    return
+  import io  # pylint: disable=g-import-not-at-top
+  import h5py  # pylint: disable=g-import-not-at-top
+  adata.strings_to_categoricals()  # as write_h5ad does
+  buffer = io.BytesIO()
+  with h5py.File(buffer, "w") as f:
+    f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+    if adata.X is not None:
+      anndata.io.write_elem(f, "X", adata.X)
+    if adata.raw is not None:
+      anndata.io.write_elem(f, "raw", adata.raw)
+    for key in ("obs", "var"):
+      anndata.io.write_elem(f, key, getattr(adata, key))
+    for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+      anndata.io.write_elem(f, key, dict(getattr(adata, key)))
+  try:
+    with open(path, "wb") as out:
+      out.write(buffer.getbuffer())
+  except OSError as e:  # name the file (a failed write() does not)
+    raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def _h5ad_size(adata) -> int:
+  """About how many bytes `adata` takes as .h5ad (its arrays, uncompressed)."""
+  def nbytes(x) -> int:
+    if x is None:
+      return 0
+    if hasattr(x, "data") and hasattr(x, "indices"):  # a scipy sparse matrix
+      return x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
+    return int(getattr(x, "nbytes", 0))
+  arrays = [adata.X, *adata.obsm.values(), *adata.varm.values(), *adata.layers.values(),
+            *adata.obsp.values(), *adata.varp.values()]
+  if adata.raw is not None:
+    arrays.append(adata.raw.X)
+  tables = [adata.obs, adata.var] + ([adata.raw.var] if adata.raw is not None else [])
+  return (sum(nbytes(a) for a in arrays)
+          + sum(int(t.memory_usage(deep=True).sum()) for t in tables) + (1 << 20))

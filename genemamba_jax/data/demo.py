@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from genemamba_jax.files import atomic_path
+from genemamba_jax.files import atomic_path, write_h5ad
 from genemamba_jax.errors import DataError
 
 LABEL_COLUMN = "bulk_labels"  # 10 PBMC types
@@ -69,7 +69,7 @@ def prepare_demo(out_dir: str | os.PathLike, announce: bool = True) -> dict[str,
   out.mkdir(parents=True, exist_ok=True)
   if not paths["counts"].exists():
     with atomic_path(paths["counts"]) as tmp:
-      pbmc68k_counts().write_h5ad(tmp)
+      write_h5ad(pbmc68k_counts(), tmp)
   if not (paths["vocab"] / vocab_lib.VOCAB_FILE).exists():
     prepare_medians.compute_medians([paths["counts"]], paths["vocab"],
                             prepare_medians.MedianConfig(min_genes=MIN_GENES))

@@ -26,6 +26,8 @@ The tokenizer writes shards with `ShardWriter` and the manifest with
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
@@ -193,7 +195,8 @@ class ShardWriter:
     """Appends one cell: [n] token ids and its meta dict."""
     if self._writer is None:
       raise RuntimeError(f"ShardWriter for {self._path} is already closed.")
-    self._writer.write(encode_record(tokens, meta, self._dtype))
+    with _os_errors(self._tmp):
+      self._writer.write(encode_record(tokens, meta, self._dtype))
     self.num_cells += 1
 
   def write_chunk(self, tokens: np.ndarray, offsets: np.ndarray, obs_names: Sequence[str],
@@ -212,12 +215,13 @@ class ShardWriter:
     fields = [("label", labels), ("batch", batches)]
     fields = [(name, values) for name, values in fields if values is not None]
     write, pack = self._writer.write, _HEADER.pack
-    for i, name in enumerate(obs_names):
-      meta = f'{{"obs_name":{quote(str(name))},"source":{int(source)}'
-      for key, values in fields:
-        meta += f',"{key}":{quote(str(values[i]))}'
-      meta = (meta + "}").encode("ascii")
-      write(pack(len(meta)) + meta + body[ends[i]:ends[i + 1]])
+    with _os_errors(self._tmp):
+      for i, name in enumerate(obs_names):
+        meta = f'{{"obs_name":{quote(str(name))},"source":{int(source)}'
+        for key, values in fields:
+          meta += f',"{key}":{quote(str(values[i]))}'
+        meta = (meta + "}").encode("ascii")
+        write(pack(len(meta)) + meta + body[ends[i]:ends[i + 1]])
     self.num_cells += len(obs_names)
 
   def finish(self, stats: Mapping[str, Any] | None = None) -> None:
@@ -229,7 +233,8 @@ class ShardWriter:
     """
     if self._writer is None:
       raise RuntimeError(f"ShardWriter for {self._path} is already closed.")
-    self._writer.close()
+    with _os_errors(self._tmp):
+      self._writer.close()
     self._writer = None
     sidecar = dict(stats or {})
     sidecar["num_cells"] = self.num_cells
@@ -245,11 +250,32 @@ class ShardWriter:
   def abort(self) -> None:
     """Closes the writer and removes every temp file of this shard."""
     if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+      writer, self._writer = self._writer, None
+      try:
+        writer.close()
+      except RuntimeError:
+        pass  # the shard is thrown away; closing fails as writing did (e.g. a full disk)
     for path in (self._tmp, self._stats_tmp):
       if os.path.exists(path):
         os.remove(path)
+
+
+# What ArrayRecord's RuntimeError says when the C library's write fails for lack of space.
+_OUT_OF_SPACE = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                 "File too large": errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _os_errors(path: str):
+  """ArrayRecord reports a failed write as a RuntimeError carrying the system's message: the
+  OSError it is (a full disk: ENOSPC), so a command says so in one line (cli.guarded)."""
+  try:
+    yield
+  except RuntimeError as e:
+    code = next((c for message, c in _OUT_OF_SPACE.items() if message in str(e)), None)
+    if code is None:
+      raise
+    raise OSError(code, os.strerror(code), path) from e
 
 
 def is_shard_finished(out_dir: str | os.PathLike, shard_index: int) -> bool:

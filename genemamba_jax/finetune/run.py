@@ -222,4 +222,4 @@ def _write_h5ad(adata: anndata.AnnData, frame, embeddings: np.ndarray, path: Pat
   out.obs["genemamba_split"] = frame["split"].to_numpy()
   out.obsm["X_genemamba"] = embeddings
   with files.atomic_path(path) as tmp:
-    out.write_h5ad(tmp)
+    files.write_h5ad(out, tmp)
