@@ -9,8 +9,37 @@ import pytest
 from flax import nnx
 
 from genemamba_jax import embed, rundir
+from genemamba_jax.data.readers import open_source
+from genemamba_jax.data.vocab import Vocab
 from genemamba_jax.errors import DataError
+from genemamba_jax.model import GeneMamba, GeneMambaConfig
 from tests.conftest import SHARED_DATA
+
+
+def test_a_tiny_model_embeds_every_cell_in_order_whatever_the_batch_size(tmp_path):
+  """Fast (a random 1-layer model, 25 synthetic cells); the real model: the tests below."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  from scipy import sparse  # pylint: disable=g-import-not-at-top
+  vocab = Vocab.from_genes([f"G{i:02d}" for i in range(30)])
+  config = GeneMambaConfig(vocab_size=len(vocab), d_model=16, n_layers=1, mixer="mamba2",
+                           headdim=8, d_state=8)
+  run = rundir.Pretrained(GeneMamba(config, rngs=nnx.Rngs(0)), config, vocab,
+                          {g: 1.0 for g in vocab.gene_ids}, {"max_len": 12, "cls": True}, None)
+  counts = np.random.default_rng(0).poisson(0.8, (25, 30)).astype(np.float32)
+  names = [f"cell{i}" for i in np.random.default_rng(1).permutation(25)]
+  anndata.AnnData(sparse.csr_matrix(counts), obs=pd.DataFrame(index=names),
+                  var=pd.DataFrame(index=vocab.gene_ids)).write_h5ad(tmp_path / "cells.h5ad")
+  results = [embed.embed_source(run, open_source(tmp_path / "cells.h5ad", None, None),
+                                poolings=("cls", "mean"), batch_size=size, progress=False)
+             for size in (4, 25)]
+  assert list(results[0].obs_names) == names and list(results[1].obs_names) == names
+  for pooling in ("cls", "mean"):
+    assert results[0].cells[pooling].shape == (25, 16)
+    np.testing.assert_allclose(results[0].cells[pooling], results[1].cells[pooling], atol=1e-5)
+  embed.write_output(results[1], tmp_path / "cells.npz")
+  saved = np.load(tmp_path / "cells.npz")
+  np.testing.assert_array_equal(saved["mean"], results[1].cells["mean"])
+  assert list(saved["obs_names"]) == names
 
 
 @pytest.fixture(scope="module")
