@@ -25,6 +25,7 @@ so a re-run of the command leaves no debris.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -268,8 +269,8 @@ def write_h5ad(adata, path: str | os.PathLike) -> None:
   if size > _H5AD_IN_MEMORY_BYTES:
     free = shutil.disk_usage(Path(path).parent).free
     if free < size:
-      raise OSError(28, f"{os.strerror(28)}: {size >> 20:,} MiB needed, {free >> 20:,} MiB "
-                    "free", str(path))
+      raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {size >> 20:,} MiB needed, "
+                    f"{free >> 20:,} MiB free", str(path))
     adata.write_h5ad(path)
     return
   import io  # pylint: disable=g-import-not-at-top

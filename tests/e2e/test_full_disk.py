@@ -9,6 +9,7 @@ with room would trip over (what it left is listed before the namespace, and the 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -34,16 +35,25 @@ exit $status"""
 pytestmark = pytest.mark.slow  # each test runs a command twice (on a normal and a full disk)
 
 
-def _unshare() -> list[str]:
-  """The prefix that gives a command its own mount namespace; skips where none can be had."""
+@functools.cache
+def _mount_namespace() -> list[str] | None:
+  """The prefix that gives a command its own mount namespace, or None where none can be had
+  (probed once)."""
   flags = "-m" if os.geteuid() == 0 else "-rm"  # a user: map to root in a user namespace
   if shutil.which("unshare") is None or subprocess.run(
       ["unshare", flags, "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True,
       check=False).returncode != 0:
+    return None
+  return ["unshare", flags]
+
+
+def _unshare() -> list[str]:
+  """`_mount_namespace()`; skips the test where there is none."""
+  if _mount_namespace() is None:
     pytest.skip("a real full disk needs a private mount namespace (`unshare -m` as root, or "
                 "`unshare -rm` with user namespaces enabled); the full-disk cases of "
                 "test_faults.py (a file-size limit) still run")
-  return ["unshare", flags]
+  return _mount_namespace()
 
 
 def on_full_disk(tmp_path: Path, kib: int, module: str, *args) -> tuple[int, str, list[str]]:
