@@ -91,6 +91,10 @@ def _on_signal(signum, frame) -> None:
   - Not inside an import the command makes: an exception raised while a C extension
     initializes can crash the interpreter (matplotlib's ft2font: "Fatal Python error" at
     exit); the signal is delivered again a moment later, after it.
+  - Nor inside numba or llvmlite (compiling, or loading a compiled function from numba's
+    cache): LLVM calls back into Python through ctypes there, ctypes drops an exception
+    raised in the callback, and numba went on with a half-loaded function and crashed
+    (segmentation fault in `set_env`, seen in scanpy's normalize_total).
   - An exception raised in a finalizer, a weakref or garbage-collector callback is
     dropped by Python, and some C code swallows one raised in a callback it made: the
     command went on and finished. Until `_guarded` has the exception, the signal comes
@@ -106,13 +110,23 @@ def _on_signal(signum, frame) -> None:
   for f in _frames(frame):
     if f.f_code is _SIGNALS["boundary"]:
       break
-    if f.f_code.co_filename.startswith("<frozen importlib"):
+    if _not_to_interrupt(f.f_code.co_filename):
       _deliver_again(signum)
       return
   error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
   _SIGNALS.update(raised=error, signum=signum)
   _deliver_again(signum, after=1.0, unless_handled=error)  # should it get lost on the way
   raise error
+
+
+# Code an exception must not interrupt: the import machinery, and packages whose Python code
+# runs as callbacks of C code that drops exceptions (see `_on_signal`).
+_NOT_TO_INTERRUPT = tuple(f"{os.sep}{package}{os.sep}" for package in ("numba", "llvmlite"))
+
+
+def _not_to_interrupt(filename: str) -> bool:
+  return filename.startswith("<frozen importlib") or any(
+      part in filename for part in _NOT_TO_INTERRUPT)
 
 
 def _being_handled(error: BaseException) -> bool:

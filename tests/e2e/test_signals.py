@@ -95,3 +95,54 @@ def test_a_signal_while_the_interpreter_shuts_down_is_ignored():
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0 and err == "", (signum, err)
+
+
+def test_sigterm_while_numba_loads_a_cached_function_waits_for_numba(tmp_path):
+  """numba's Python code runs as callbacks of C code (its dispatcher; LLVM, through ctypes,
+  which drops an exception raised there): a SIGTERM raised inside it left a half-loaded
+  function behind, and the command died of a segmentation fault (seen in CI under scanpy's
+  normalize_total, 6 of 50 runs under load). The signal is raised after numba returns, and
+  the command ends in one line."""
+  (tmp_path / "kernel.py").write_text(
+      "import numba\n"
+      "@numba.njit(cache=True)\n"
+      "def total(x):\n"
+      "  s = 0.0\n"
+      "  for v in x:\n"
+      "    s += v\n"
+      "  return s\n")
+  env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+             PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+  compile_once = "import numpy as np, kernel; print(kernel.total(np.ones(3)))"
+  assert subprocess.run([sys.executable, "-c", compile_once], env=env, capture_output=True,
+                        text=True, check=True).stdout.strip() == "3.0"
+  # SIGTERM as the dispatcher enters numba's Python code to load the function from the cache.
+  command = (
+      "import os, signal, sys, time, traceback\n"
+      "import numpy as np, kernel\n"
+      "from genemamba_jax import cli\n"
+      "def hook(frame, event, arg):\n"
+      "  if event == 'call' and f'{os.sep}numba{os.sep}' in frame.f_code.co_filename:\n"
+      "    sys.setprofile(None)\n"
+      "    print('in numba', flush=True)\n"
+      "    os.kill(os.getpid(), signal.SIGTERM)\n"
+      "def work():\n"
+      "  try:\n"
+      "    sys.setprofile(hook)\n"
+      "    total = kernel.total(np.ones(3))\n"
+      "    print('loaded', total, flush=True)\n"
+      "    time.sleep(10)\n"
+      "  except KeyboardInterrupt as e:\n"
+      "    files = [f.filename for f in traceback.extract_tb(e.__traceback__)]\n"
+      "    print('raised in numba' if any(f'{os.sep}numba{os.sep}' in f for f in files)\n"
+      "          else 'raised after numba', flush=True)\n"
+      "    raise\n"
+      "  return ['finished']\n"
+      "sys.exit(cli.guarded(work))\n")
+  process = subprocess.run([sys.executable, "-c", command], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+  assert process.stdout.split("\n")[:3] == ["in numba", "loaded 3.0", "raised after numba"], (
+      process)
+  assert process.returncode == 143, process
+  assert "Exception ignored" not in process.stderr and TRACEBACK not in process.stderr, process
+  assert process.stderr.strip().startswith("terminated (SIGTERM): "), process.stderr
