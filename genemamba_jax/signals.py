@@ -92,9 +92,9 @@ def _on_signal(signum, frame) -> None:
     initializes can crash the interpreter (matplotlib's ft2font: "Fatal Python error" at
     exit); the signal is delivered again a moment later, after it.
   - Nor inside numba or llvmlite (compiling, or loading a compiled function from numba's
-    cache): LLVM calls back into Python through ctypes there, ctypes drops an exception
-    raised in the callback, and numba went on with a half-loaded function and crashed
-    (segmentation fault in `set_env`, seen in scanpy's normalize_total).
+    cache): their Python code runs as callbacks of C code (numba's dispatcher, LLVM through
+    ctypes) that does not always pass an exception on, and numba went on with a half-loaded
+    function and crashed (segmentation faults in scanpy's normalize_total under SIGTERM).
   - An exception raised in a finalizer, a weakref or garbage-collector callback is
     dropped by Python, and some C code swallows one raised in a callback it made: the
     command went on and finished. Until `_guarded` has the exception, the signal comes

@@ -13,9 +13,8 @@ import pytest
 
 # One persistent JAX compilation cache (xdist workers and the commands the tests start inherit it
 # through the environment): the tests build the same small models and steps many times, and a
-# cached compile takes a fraction of a fresh one. It lives in .pytest_cache, so it is kept from
-# one run to the next (the edit-test loop: `-m "not slow"` takes about 3 minutes on 2 cores the
-# first time, under 2 after; bench/RESULTS.md, "Test suite") and `pytest --cache-clear` empties it.
+# cached compile takes a fraction of a fresh one. It lives in .pytest_cache, so the edit-test
+# loop finds it warm (bench/RESULTS.md, "Test suite"), and `pytest --cache-clear` empties it.
 # Entries are keyed by the program, JAX's version and its flags, so a stale one is never used.
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation-cache"
