@@ -28,8 +28,8 @@ def _config(checkpoint, data, **overrides):
   # head on the fully fine-tuned backbone at a constant lr 1e-3, 6 epochs (246 steps), no
   # minimum number of steps. Measured on this split: 0.910 test accuracy; 4 epochs 0.893, and
   # neither label smoothing 0.1, dropout 0.5, weight decay 0.05 nor a cosine schedule reached
-  # 0.9 in 4; at 128 tokens, 6 or 8 epochs 0.884. (The defaults' backbone at 0.1x the head's
-  # lr needs their 400 steps: after 164 steps it reached only 0.76 here.)
+  # 0.9 in 4; at 128 tokens, 6 or 8 epochs 0.884. (The earlier defaults, the backbone at 0.1x
+  # a head lr of 3e-3, needed 400 steps: after 164 steps they reached only 0.76 here.)
   c.data.max_len = 256
   c.update(lr=1e-3, backbone_lr_scale=1.0, schedule="constant", warmup_fraction=0.0,
            dropout=0.0, class_weights="none", epochs=6, min_steps=0)

@@ -250,7 +250,7 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(kang_pretrained, kang
   assert changed.returncode == 2, changed.stderr[-2000:]
   assert changed.stderr.strip().splitlines() == [
       f"error: {tmp_path / 'w'}: holds an unfinished fine-tuning run with other settings "
-      "(lr 0.003 -> 0.002); resume it with its own settings (its config.json), or choose a new "
+      "(lr 0.01 -> 0.002); resume it with its own settings (its config.json), or choose a new "
       "--workdir"], changed.stderr
   assert {f: f.read_bytes() for f in (tmp_path / "w").rglob("*") if f.is_file()} == before
   resumed = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
