@@ -29,6 +29,7 @@ Prints markdown tables; writes them to OUT/downstream.md for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import sys
 import time
@@ -155,23 +156,41 @@ def gene_pair_table(runs: dict[str, Path]) -> pd.DataFrame:
                                "js"]]
 
 
+def _fit_logistic_regression(x: np.ndarray, y: np.ndarray, split: np.ndarray, genes) -> dict:
+  """A table row: fitted on the rows whose `split` is train, scored on those whose split is test."""
+  train, test = split == "train", split == "test"
+  start = time.time()
+  guess = LogisticRegression(max_iter=3000).fit(x[train], y[train]).predict(x[test])
+  return {"accuracy": skm.accuracy_score(y[test], guess),
+          "macro_f1": skm.f1_score(y[test], guess, average="macro"),
+          "val_macro_f1": float("nan"), "steps": float("nan"), "seconds": time.time() - start,
+          "genes": genes}
+
+
 def logistic_regression(data: Path, label: str, predictions: Path, genes: set[str]) -> dict:
   """Accuracy and macro-F1 on the test split of `predictions` (its train split to fit), on the
   log-normalized counts of the genes in `genes`."""
-  pred = pd.read_csv(predictions)
   adata = anndata.read_h5ad(data)
   adata = adata[:, [g in genes for g in adata.var_names]].copy()
   sc.pp.normalize_total(adata, target_sum=1e4)
   sc.pp.log1p(adata)
   x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
   y = adata.obs[label].astype(str).to_numpy()
-  train, test = pred.split.to_numpy() == "train", pred.split.to_numpy() == "test"
-  start = time.time()
-  guess = LogisticRegression(max_iter=3000).fit(x[train], y[train]).predict(x[test])
-  return {"accuracy": skm.accuracy_score(y[test], guess),
-          "macro_f1": skm.f1_score(y[test], guess, average="macro"),
-          "val_macro_f1": float("nan"), "steps": float("nan"), "seconds": time.time() - start,
-          "genes": adata.n_vars}
+  return _fit_logistic_regression(x, y, pd.read_csv(predictions).split.to_numpy(), adata.n_vars)
+
+
+@functools.lru_cache
+def _token_indicators(run: Path, data: Path, label: str, max_len: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(x [cells, vocab] 1 where the gene is among the cell's top `max_len` rank tokens, labels
+  [cells], obs names [cells]): the same for every split, so tokenized once per data set."""
+  base = rundir.load_pretrained(run)
+  sentences, names, obs = inference.tokenize_all(
+      base.tokenizer(max_len=max_len, cls=False), open_source(data), [label], desc=None)
+  x = np.zeros((len(sentences), base.model.config.vocab_size), np.float32)
+  for row, tokens in enumerate(sentences):
+    x[row, tokens] = 1.0
+  return x, obs[label].astype(str).to_numpy(), names
 
 
 def token_logistic_regression(run: Path, data: Path, label: str, predictions: Path,
@@ -179,22 +198,9 @@ def token_logistic_regression(run: Path, data: Path, label: str, predictions: Pa
   """`logistic_regression` on what the model sees instead of the counts: for each cell, which of
   the vocabulary's genes are among its top `max_len` rank tokens (1) or not (0). The gap to the
   counts' regression is what the tokens alone lose, whatever model reads them."""
-  pred = pd.read_csv(predictions).set_index("obs_name")
-  base = rundir.load_pretrained(run)
-  sentences, names, obs = inference.tokenize_all(
-      base.tokenizer(max_len=max_len, cls=False), open_source(data), [label], desc=None)
-  x = np.zeros((len(sentences), base.model.config.vocab_size), np.float32)
-  for row, tokens in enumerate(sentences):
-    x[row, tokens] = 1.0
-  y = obs[label].astype(str).to_numpy()
-  split = pred.loc[names, "split"].to_numpy()
-  train, test = split == "train", split == "test"
-  start = time.time()
-  guess = LogisticRegression(max_iter=3000).fit(x[train], y[train]).predict(x[test])
-  return {"accuracy": skm.accuracy_score(y[test], guess),
-          "macro_f1": skm.f1_score(y[test], guess, average="macro"),
-          "val_macro_f1": float("nan"), "steps": float("nan"), "seconds": time.time() - start,
-          "genes": float("nan")}
+  x, y, names = _token_indicators(run, data, label, max_len)
+  split = pd.read_csv(predictions).set_index("obs_name").loc[names, "split"].to_numpy()
+  return _fit_logistic_regression(x, y, split, float("nan"))
 
 
 def demo_backbone(out: Path) -> Path:
